@@ -1,0 +1,111 @@
+"""Shared fixtures: one throwaway PostgreSQL per test session, a template database built
+once from the migrations, and a fresh clone of it per test (pytest-postgresql).
+
+There is no skip path: when no server can start, the session errors.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from pytest_postgresql import factories
+from pytest_postgresql.executors import NoopExecutor
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from zenpipe import schema
+from zenpipe.embedded import ThrowawayPgBouncer, ThrowawayPostgres
+
+
+def conninfo(host: str, port: int, user: str, dbname: str) -> str:
+    return f"host={host} port={port} user={user} dbname={dbname}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[ThrowawayPostgres]:
+    """The session's PostgreSQL (Debian's, PG_BINDIR's, or embedded 18 when
+    ZENPIPE_PG_SOURCE=embedded)."""
+    with ThrowawayPostgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_base(pg_server: ThrowawayPostgres) -> NoopExecutor:
+    return NoopExecutor(
+        host=pg_server.host,
+        port=pg_server.port,
+        user=pg_server.user,
+        options="",
+        dbname="zen",
+    )
+
+
+def load_schema(host: str, port: int, user: str, dbname: str, **_: Any) -> None:
+    schema.apply(conninfo(host, port, user, dbname))
+
+
+@pytest.fixture(scope="session")
+def zen_pg(pg_base: NoopExecutor) -> Iterator[NoopExecutor]:
+    """A template database with every migration applied, built once per session."""
+    janitor = DatabaseJanitor(
+        user=pg_base.user,
+        host=pg_base.host,
+        port=pg_base.port,
+        dbname=pg_base.template_dbname,
+        as_template=True,
+    )
+    with janitor:
+        janitor.load(load_schema)
+        yield pg_base
+
+
+postgresql = factories.postgresql("zen_pg")
+
+
+@pytest.fixture
+def dsn(postgresql: psycopg.Connection[Any]) -> str:
+    """Connection string of this test's own database (schema applied, no rows)."""
+    info = postgresql.info
+    return conninfo(info.host, info.port, info.user, info.dbname)
+
+
+@pytest.fixture
+def empty_dsn(pg_base: NoopExecutor) -> Iterator[str]:
+    """Connection string of a new, empty database (no migrations applied)."""
+    name = f"empty_{uuid.uuid4().hex[:12]}"
+    janitor = DatabaseJanitor(
+        user=pg_base.user,
+        host=pg_base.host,
+        port=pg_base.port,
+        dbname=name,
+        password=None,
+    )
+    with janitor:
+        yield conninfo(pg_base.host, pg_base.port, pg_base.user, name)
+
+
+def pytest_report_header() -> str:
+    return f"zenpipe PostgreSQL source: {os.environ.get('ZENPIPE_PG_SOURCE', 'auto')}"
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: ThrowawayPostgres) -> Iterator[ThrowawayPgBouncer]:
+    """A real PgBouncer in transaction mode in front of the session's server.
+
+    Errors (does not skip) when the binary is missing: CI installs it.
+    """
+    with ThrowawayPgBouncer(pg_server, pool_mode="transaction") as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def pgbouncer_dsn(pgbouncer: ThrowawayPgBouncer, postgresql: psycopg.Connection[Any]) -> str:
+    """This test's database, reached through PgBouncer in transaction mode.
+
+    Connect with ``prepare_threshold=None``.
+    """
+    return pgbouncer.dsn_for(postgresql.info.dbname)

@@ -1,0 +1,134 @@
+"""The ``zenpipe`` command.
+
+Every subcommand takes ``--dsn`` (or ``ZENPIPE_DSN``); without one it runs against a
+throwaway PostgreSQL that is created for the command and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import psycopg
+
+from . import schema
+from .embedded import ThrowawayPostgres
+from .errors import ZenpipeError
+
+__all__ = ["main"]
+
+
+@contextmanager
+def _database(dsn: str | None) -> Iterator[str]:
+    """Yield the DSN given, or the DSN of a throwaway server that lives for the command."""
+    dsn = dsn or os.environ.get("ZENPIPE_DSN")
+    if dsn:
+        yield dsn
+        return
+    with ThrowawayPostgres() as server:
+        print(
+            f"no --dsn or ZENPIPE_DSN: using a throwaway PostgreSQL on "
+            f"{server.host}:{server.port} ({server.bindir}), deleted on exit",
+            file=sys.stderr,
+        )
+        yield server.dsn
+
+
+def _cmd_schema_apply(args: argparse.Namespace) -> int:
+    with _database(args.dsn) as dsn:
+        applied = schema.apply(dsn, lock_timeout=args.lock_timeout)
+        if not applied:
+            print("schema is up to date; nothing applied")
+        for m in applied:
+            print(f"applied {m.label}")
+        if applied:
+            _print_inventory(dsn)
+    return 0
+
+
+def _print_inventory(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            """
+            SELECT c.relkind::text, c.relname, c.relispartition
+            FROM pg_class AS c
+            JOIN pg_namespace AS n ON n.oid = c.relnamespace
+            WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'i', 'I')
+            ORDER BY c.relname
+            """
+        ).fetchall()
+        funcs = conn.execute(
+            """
+            SELECT p.proname FROM pg_proc AS p
+            JOIN pg_namespace AS n ON n.oid = p.pronamespace
+            WHERE n.nspname = current_schema() ORDER BY 1
+            """
+        ).fetchall()
+    tables = [name for kind, name, part in rows if kind in ("r", "p") and not part]
+    partitions = [name for kind, name, part in rows if kind == "r" and part]
+    views = [name for kind, name, _ in rows if kind == "v"]
+    indexes = [name for kind, name, _ in rows if kind == "I"] + [
+        name for kind, name, part in rows if kind == "i" and not part
+    ]
+    print(f"tables ({len(tables)}): {', '.join(tables)}")
+    print(f"partitions ({len(partitions)}): {partitions[0]} .. {partitions[-1]}" if partitions else "")
+    print(f"views ({len(views)}): {', '.join(views)}")
+    print(f"functions ({len(funcs)}): {', '.join(f[0] for f in funcs)}")
+    print(f"indexes ({len(indexes)} on parents, plus one per partition): {', '.join(indexes)}")
+
+
+def _cmd_schema_status(args: argparse.Namespace) -> int:
+    with _database(args.dsn) as dsn:
+        applied = schema.status(dsn)
+        done = {m.version for m in applied}
+        for m in applied:
+            print(f"{m.version:04d}_{m.name}  applied {m.applied_at:%Y-%m-%d %H:%M:%S}  "
+                  f"{m.checksum[:12]}")
+        for p in schema.load_migrations():
+            if p.version not in done:
+                print(f"{p.label}  pending")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zenpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help_text: str,
+    ) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN, "
+                       "else a throwaway server)")
+        p.set_defaults(func=func)
+        return p
+
+    schema_p = sub.add_parser("schema", help="apply or inspect the schema migrations")
+    schema_sub = schema_p.add_subparsers(dest="schema_command", required=True)
+    apply_p = add(schema_sub, "apply", _cmd_schema_apply, "apply pending migrations")
+    apply_p.add_argument("--lock-timeout", type=float, default=600.0,
+                         help="seconds to wait for another process's migration run")
+    add(schema_sub, "status", _cmd_schema_status, "list applied and pending migrations")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ZenpipeError as e:
+        print(f"zenpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
