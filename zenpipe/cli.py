@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply_p.add_argument("--lock-timeout", type=float, default=600.0,
                          help="seconds to wait for another process's migration run")
     add(schema_sub, "status", _cmd_schema_status, "list applied and pending migrations")
+    # Further subcommands register here, one call each.
     return parser
 
 
