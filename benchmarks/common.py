@@ -98,7 +98,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def write_report(
     name: str, out: Path, report: dict[str, Any], rows: Sequence[dict[str, Any]]
 ) -> Path:
-    """Write ``<name>.json`` and ``<name>.md`` to *out*, print the Markdown, return the JSON path."""
+    """Write ``<name>.json`` and ``<name>.md`` to *out*, print the Markdown; return the
+    JSON path."""
     out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": name, "environment": environment(), **report}
     json_path = out / f"{name}.json"

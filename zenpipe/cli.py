@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,7 +69,10 @@ def _print_inventory(dsn: str) -> None:
             """
         ).fetchall()
     tables = [name for kind, name, part in rows if kind in ("r", "p") and not part]
-    partitions = [name for kind, name, part in rows if kind == "r" and part]
+    partitions = sorted(
+        (name for kind, name, part in rows if kind == "r" and part),
+        key=lambda n: (n.rstrip("0123456789"), int(n[len(n.rstrip("0123456789")) :] or 0)),
+    )
     views = [name for kind, name, _ in rows if kind == "v"]
     indexes = [name for kind, name, _ in rows if kind == "I"] + [
         name for kind, name, part in rows if kind == "i" and not part
@@ -122,10 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so a throwaway server is stopped and deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return int(args.func(args))
     except ZenpipeError as e:
         print(f"zenpipe: error: {e}", file=sys.stderr)
+        return 2
+    except psycopg.Error as e:
+        print(f"zenpipe: database error: {str(e).strip()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

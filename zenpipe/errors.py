@@ -7,6 +7,7 @@ raises in one place, or exactly the case it can act on.
 from __future__ import annotations
 
 import psycopg
+import psycopg_pool
 
 
 class ZenpipeError(Exception):
@@ -80,3 +81,76 @@ class MigrationChecksumError(MigrationError):
 
 class MigrationLockTimeout(MigrationError):
     """Another process held the migration lock for longer than the timeout."""
+
+
+# -- configuration and connection pool (zenpipe.config, zenpipe.pool) ------------------
+
+
+class ConfigError(ZenpipeError, ValueError):
+    """A setting (keyword argument or ``ZENPIPE_*`` variable) has an invalid value.
+
+    The message names the variable and the value, never the DSN's password.
+    """
+
+
+class PoolError(ZenpipeError):
+    """A connection could not be handed out by zenpipe's pool."""
+
+
+class PoolTimeoutError(PoolError, psycopg_pool.PoolTimeout):
+    """No connection became free within the pool timeout.
+
+    Also a `psycopg_pool.PoolTimeout` (so a `psycopg.OperationalError`): handlers
+    written for plain psycopg_pool still catch it.  *figures* holds the pool's gauges
+    when the limit was hit (``pool_size``, ``pool_max``, ``used``, ``free``, ``waiting``).
+    """
+
+    def __init__(self, message: str, figures: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.figures: dict[str, int] = dict(figures or {})
+
+
+class PoolQueueFullError(PoolError, psycopg_pool.TooManyRequests):
+    """The waiting queue was full (``max_waiting`` callers already waiting).
+
+    Also a `psycopg_pool.TooManyRequests`.  *figures* as in `PoolTimeoutError`.
+    """
+
+    def __init__(self, message: str, figures: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.figures: dict[str, int] = dict(figures or {})
+
+
+class FleetBudgetExceeded(PoolError):
+    """The fleet's connection budget cannot fit this server's pool.
+
+    Raised at start instead of pushing PostgreSQL over ``max_connections``.  The
+    message gives the arithmetic; *budget*, *in_use*, *needed* hold its figures.
+    """
+
+    def __init__(self, message: str, *, budget: int, in_use: int, needed: int) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.in_use = in_use
+        self.needed = needed
+
+
+class ServerIdInUse(PoolError):
+    """Another live process holds this server id in ``zen_servers``."""
+
+
+class StaleClaimError(ZenpipeError):
+    """A claim was settled or extended with a token that no longer holds its rows.
+
+    The lease ran out and another worker claimed the rows (or they were requeued):
+    nothing of the refused call was applied.  ``ids`` lists the rows no longer held.
+    """
+
+    def __init__(self, operation: str, ids: list[int]) -> None:
+        self.operation = operation
+        self.ids = ids
+        shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
+        super().__init__(
+            f"{operation} refused: {len(ids)} row(s) no longer held under this claim's "
+            f"token ({shown}); nothing was applied"
+        )

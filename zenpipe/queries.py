@@ -12,7 +12,6 @@ import re
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import LiteralString, cast
 
 from psycopg import sql
 
@@ -40,7 +39,7 @@ def sql_dir() -> Traversable:
 
 def trusted(text: str) -> sql.SQL:
     """Wrap SQL read from zenpipe's own files; never pass user input here."""
-    return sql.SQL(cast(LiteralString, text))
+    return sql.SQL(text)
 
 
 @functools.cache

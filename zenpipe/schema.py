@@ -166,9 +166,7 @@ def apply(
         _check_server(conn)
         with _migration_lock(conn, lock_timeout):
             conn.execute(q["create_migrations_table"])
-            recorded = {
-                row[0]: (row[1], row[2]) for row in conn.execute(q["applied_checksums"])
-            }
+            recorded = {row[0]: (row[1], row[2]) for row in conn.execute(q["applied_checksums"])}
             for m in migrations:
                 if m.version in recorded and recorded[m.version][1] != m.checksum:
                     raise MigrationChecksumError(
@@ -232,9 +230,7 @@ def _check_server(conn: psycopg.Connection[tuple[object, ...]]) -> None:
 
 
 @contextmanager
-def _migration_lock(
-    conn: psycopg.Connection[tuple[object, ...]], timeout: float
-) -> Iterator[None]:
+def _migration_lock(conn: psycopg.Connection[tuple[object, ...]], timeout: float) -> Iterator[None]:
     """Hold the session-level migration lock.
 
     Waiters poll with the try-variant instead of blocking in ``pg_advisory_lock``: a
@@ -261,14 +257,12 @@ def _migration_lock(
             conn.execute(q["migration_unlock"], (NAMESPACE_MIGRATION, _LOCK_KEY))
 
 
-def _brief_ddl(conn: psycopg.Connection[tuple[object, ...]], stmt: sql.Composable) -> None:
+def _brief_ddl(conn: psycopg.Connection[tuple[object, ...]], stmt: sql.Composed) -> None:
     """Run DDL that needs a strong lock only for an instant, without queueing writers."""
     for attempt in range(_DDL_ATTEMPTS):
         try:
             with conn.transaction():
-                conn.execute(
-                    "SELECT set_config('lock_timeout', %s, true)", (_DDL_LOCK_TIMEOUT,)
-                )
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (_DDL_LOCK_TIMEOUT,))
                 conn.execute(stmt)
             return
         except psycopg.errors.LockNotAvailable:
@@ -277,7 +271,9 @@ def _brief_ddl(conn: psycopg.Connection[tuple[object, ...]], stmt: sql.Composabl
     raise MigrationError(f"could not take the lock for {stmt!r} in {_DDL_ATTEMPTS} attempts")
 
 
-def _index_state(conn: psycopg.Connection[tuple[object, ...]], name: str) -> tuple[bool, bool] | None:
+def _index_state(
+    conn: psycopg.Connection[tuple[object, ...]], name: str
+) -> tuple[bool, bool] | None:
     """``(valid, attached)`` for an index, or None when it does not exist."""
     row = conn.execute(load("schema")["index_state"], (name,)).fetchone()
     return None if row is None else (bool(row[0]), bool(row[1]))
@@ -298,7 +294,9 @@ def _build_index(conn: psycopg.Connection[tuple[object, ...]], step: IndexStep) 
         conn,
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON ONLY {} {}").format(index, table, body),
     )
-    leaves: Sequence[tuple[object, ...]] = conn.execute(q["leaf_partitions"], (step.table,)).fetchall()
+    leaves: Sequence[tuple[object, ...]] = conn.execute(
+        q["leaf_partitions"], (step.table,)
+    ).fetchall()
     for (leaf,) in leaves:
         leaf_name = str(leaf)
         suffix = leaf_name.removeprefix(step.table + "_")

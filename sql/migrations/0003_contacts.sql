@@ -100,7 +100,13 @@ CREATE TABLE zen_contacts (
     last_scrape_server      text,
     scrape_count            integer     NOT NULL DEFAULT 0
                             CONSTRAINT zen_contacts_scrape_count_check CHECK (scrape_count >= 0),
+    -- Newest observation merged into the row (greatest of every write's observed_at).
     observed_at             timestamptz,
+    -- When each merged scalar's current value was observed, epoch microseconds, one slot
+    -- per column in zenpipe.upsert.SCALAR_COLUMNS order (NULL: never observed). The
+    -- writer keeps, per column, the value of the newest observation, so the row does not
+    -- depend on the order in which writes arrive (see docs/upserting.md).
+    observed_us             bigint[]    NOT NULL DEFAULT '{}',
     created_at              timestamptz NOT NULL DEFAULT now(),
     updated_at              timestamptz NOT NULL DEFAULT now(),
 
@@ -197,6 +203,25 @@ CREATE FUNCTION zen_array_union_v1(current_items text[], new_items text[]) RETUR
                    FROM unnest(current_items || new_items) AS u(item)
                    ORDER BY 1)
     END;
+
+-- Merge of one scalar column: the value of the newest observation wins, ties go to the
+-- greater value, and NULL never erases. A value without an observation time (a column
+-- default, a row written by another tool) counts as the oldest observation. This is
+-- max() under (observed_us, value) order: commutative, associative and idempotent, so
+-- concurrent writers converge whatever the order of their commits. IMMUTABLE and
+-- subquery-free (Citus accepts it inside ON CONFLICT DO UPDATE); a plain SQL body so the
+-- planner inlines it for each column type.
+CREATE FUNCTION zen_pick_v1(cur_val anyelement, cur_us bigint, new_val anyelement, new_us bigint)
+    RETURNS anyelement
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+        SELECT CASE
+            WHEN new_val IS NULL THEN cur_val
+            WHEN cur_val IS NULL THEN new_val
+            WHEN (new_us, new_val) > (coalesce(cur_us, -9223372036854775808), cur_val) THEN new_val
+            ELSE cur_val
+        END
+    $$;
 
 -- updated_at for writers that do not set it themselves. zenpipe's writer sets it in the
 -- statement (Citus refuses triggers on distributed tables), so the WHEN clause skips the

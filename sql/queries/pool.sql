@@ -1,0 +1,95 @@
+-- Statements of the bounded pool and the fleet registry (zenpipe.pool).
+
+-- name: fleet_lock
+-- Transaction-level lock in the fleet namespace: registrations run one at a time, so
+-- two servers starting together cannot both count the same free connections. Released
+-- at commit or rollback, so it also works through PgBouncer in transaction mode.
+SELECT pg_advisory_xact_lock(%s, %s);
+
+-- name: server_limits
+-- What the server allows non-superusers: max_connections minus the slots PostgreSQL
+-- keeps for superusers (and, on PostgreSQL 16+, for pg_use_reserved_connections;
+-- missing_ok makes the setting read as NULL on 15). Also the server's own port, to tell
+-- a direct connection from one through a proxy.
+SELECT current_setting('max_connections')::integer,
+       current_setting('superuser_reserved_connections')::integer,
+       coalesce(current_setting('reserved_connections', true), '0')::integer,
+       current_setting('port')::integer;
+
+-- name: live_usage
+-- Connections held by the other live servers (pool plus one control connection each);
+-- expired rows hold nothing. Read under the fleet lock, so it cannot change before our
+-- insert commits.
+SELECT count(*)::integer,
+       coalesce(sum(pool_size + 1), 0)::integer
+FROM zen_servers
+WHERE expires_at > now() AND server_id <> %(server_id)s;
+
+-- name: own_row
+-- The current holder of our server id, if any, and whether its lease still runs.
+SELECT host, pid, expires_at > now()
+FROM zen_servers
+WHERE server_id = %(server_id)s;
+
+-- name: register
+-- One row per server id: a restarted server (or one taking over a dead process's id)
+-- replaces the row instead of adding a second share. The lease is computed by the
+-- database clock, the same clock every liveness check compares against.
+INSERT INTO zen_servers AS s
+    (server_id, host, pid, pool_size, version, started_at, last_heartbeat, expires_at, stats)
+VALUES (%(server_id)s, %(host)s, %(pid)s, %(pool_size)s, %(version)s, now(), now(),
+        now() + make_interval(secs => %(lease)s), '{}')
+ON CONFLICT (server_id) DO UPDATE SET
+    host = EXCLUDED.host,
+    pid = EXCLUDED.pid,
+    pool_size = EXCLUDED.pool_size,
+    version = EXCLUDED.version,
+    started_at = EXCLUDED.started_at,
+    last_heartbeat = EXCLUDED.last_heartbeat,
+    expires_at = EXCLUDED.expires_at,
+    stats = EXCLUDED.stats;
+
+-- name: purge_expired
+-- Rows expired for a while are history, not budget: drop them so the table stays a
+-- handful of rows (zen_jobs.server_id is ON DELETE SET NULL).
+DELETE FROM zen_servers
+WHERE expires_at < now() - make_interval(secs => %s);
+
+-- name: heartbeat
+-- Extends the lease only while it still runs and the row is still ours: a server whose
+-- row expired (its share may have been handed out since) must register again under
+-- the fleet lock instead of silently reviving its old share.
+UPDATE zen_servers
+SET last_heartbeat = now(),
+    expires_at = now() + make_interval(secs => %(lease)s),
+    stats = %(stats)s
+WHERE server_id = %(server_id)s AND host = %(host)s AND pid = %(pid)s AND expires_at > now()
+RETURNING pool_size;
+
+-- name: leave
+-- A clean shutdown frees its share at once instead of after the lease.
+DELETE FROM zen_servers
+WHERE server_id = %(server_id)s AND host = %(host)s AND pid = %(pid)s;
+
+-- name: fleet_servers
+-- Every row, live first: `zenpipe stats` shows recently expired servers too.
+SELECT server_id, host, pid, pool_size, version, started_at, last_heartbeat, expires_at,
+       expires_at > now() AS live, stats
+FROM zen_servers
+ORDER BY expires_at > now() DESC, server_id;
+
+-- name: backend_connections
+-- Client connections the PostgreSQL server holds right now (all applications).
+SELECT count(*)::integer FROM pg_stat_activity WHERE backend_type = 'client backend';
+
+-- name: dashboard
+-- The dashboard view of migration 0004 (one row).
+SELECT * FROM zen_v_dashboard;
+
+-- name: set_local_timeouts
+-- Behind PgBouncer in transaction mode a session SET would leak to (or be lost on)
+-- another client's server connection: set_config(..., is_local => true) lasts exactly
+-- this transaction.
+SELECT set_config('statement_timeout', %s, true),
+       set_config('lock_timeout', %s, true),
+       set_config('idle_in_transaction_session_timeout', %s, true);

@@ -1,0 +1,395 @@
+"""Claiming ``results`` rows: batches, leases, fencing tokens.
+
+A worker takes a batch with `Claimer.claim()`: one short transaction that picks up to
+``batch_size`` eligible rows (pending, or claimed under a lease that ran out) in
+priority-then-age order, skips rows other claimers are taking at the same moment with
+``pg_try_advisory_xact_lock(NAMESPACE_CLAIM, key)``, and records the claim on the rows
+(owner, lease deadline, attempt number, fencing token) before it commits.  Nothing is held
+afterwards: no lock, no open transaction.  The lease keeps the rows away from other
+claimers while the worker scrapes; `Claimer.extend()` pushes it further; when it runs out
+(the worker died) the rows are claimable again.  `Claimer.complete()` and
+`Claimer.fail()` only touch rows still held under the batch's token, and apply nothing
+and raise `StaleClaimError` otherwise.
+
+Everything is transaction-scoped, so it works through PgBouncer in transaction mode.
+The protocol and its proofs are in ``docs/claiming.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import pq
+from psycopg_pool import ConnectionPool
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .errors import StaleClaimError, is_transient
+from .locks import NAMESPACE_CLAIM
+from .queries import load
+
+__all__ = ["Batch", "Claim", "Claimer", "claim_lock_key", "requeue"]
+
+logger = logging.getLogger("zenpipe.claim")
+
+T = TypeVar("T")
+Conn = psycopg.Connection[Any]
+
+_SAVEPOINT = "zen_claim"
+
+
+def claim_lock_key(row_id: int) -> int:
+    """The int4 second key of a row's claim lock: SQL ``zen_claim_key_v1(id)``.
+
+    The low 32 bits of the id as a signed int4.  Two ids 2^32 apart share a key, which
+    can only make a claimer skip a row: the row's status and token are the real fence.
+    """
+    low = row_id & 0xFFFFFFFF
+    return low - 0x1_0000_0000 if low >= 0x8000_0000 else low
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claimed row.
+
+    *token* is the fencing token of the claim; *attempt* counts the claims of this row so
+    far, this one included.
+    """
+
+    id: int
+    token: int
+    attempt: int
+    link: str | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The rows one `Claimer.claim()` returned, all held by *owner* until *lease_until*.
+
+    An empty batch means nothing was eligible.
+    """
+
+    owner: str
+    claims: tuple[Claim, ...]
+    lease_until: datetime
+
+    def __len__(self) -> int:
+        return len(self.claims)
+
+    def __bool__(self) -> bool:
+        return bool(self.claims)
+
+    @property
+    def ids(self) -> list[int]:
+        return [c.id for c in self.claims]
+
+
+class Claimer:
+    """Claims batches of ``results`` rows for one worker and settles them.
+
+    *conninfo* is a libpq connection string (the claimer then owns a small pool of
+    ``pool_size`` connections, closed by `close()` or the ``with`` block) or a
+    `psycopg_pool.ConnectionPool` the caller owns.  Connections the claimer opens use no
+    server-side prepared statements unless *prepare_threshold* says otherwise, so the
+    claimer works through PgBouncer in transaction mode; a pool passed in must be
+    configured so (``kwargs={"prepare_threshold": None}``) when it goes through one.
+
+    *owner* names the worker (server + process + thread) in the rows it holds.  Rows are
+    held for *lease_seconds* after a claim or `extend()`.  A row that failed
+    *max_attempts* times is parked as failed.  A claim looks at most
+    ``scan_factor * limit`` candidate rows; rows other claimers are taking at the same
+    moment are skipped, so a batch can come back smaller than asked when many claimers
+    start together.
+
+    Methods without *conn* run their own short transaction and retry it (at most
+    *retries* times, with backoff) on the errors `zenpipe.errors.is_transient` names.
+    """
+
+    def __init__(
+        self,
+        conninfo: str | ConnectionPool[Any],
+        *,
+        owner: str,
+        batch_size: int = 100,
+        lease_seconds: float = 300.0,
+        max_attempts: int = 5,
+        scan_factor: int = 4,
+        retries: int = 5,
+        pool_size: int = 1,
+        prepare_threshold: int | None = None,
+    ) -> None:
+        if not owner:
+            raise ValueError("owner must name the worker")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if scan_factor < 1:
+            raise ValueError("scan_factor must be at least 1")
+        self.owner = owner
+        self.batch_size = batch_size
+        self.lease_seconds = float(lease_seconds)
+        self.max_attempts = max_attempts
+        self.scan_factor = scan_factor
+        self.retries = retries
+        #: Claim statements rolled back because a row locked was claimed by someone else
+        #: between the statement's snapshot and its lock (see docs/claiming.md).
+        self.race_rollbacks = 0
+        self._queries = load("claim")
+        self._own_pool = isinstance(conninfo, str)
+        if isinstance(conninfo, str):
+            self._pool: ConnectionPool[Any] = ConnectionPool(
+                conninfo,
+                min_size=pool_size,
+                max_size=pool_size,
+                kwargs={"prepare_threshold": prepare_threshold, "autocommit": False},
+                open=True,
+                name=f"zenpipe-claim-{owner}",
+            )
+        else:
+            self._pool = conninfo
+
+    def close(self) -> None:
+        """Close the pool the claimer opened (not a pool passed in)."""
+        if self._own_pool:
+            self._pool.close()
+
+    def __enter__(self) -> Claimer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- claim ------------------------------------------------------------------------
+
+    def claim(self, limit: int | None = None, *, conn: Conn | None = None) -> Batch:
+        """Claim up to *limit* (default ``batch_size``) eligible rows.
+
+        Without *conn*: one short transaction, committed before returning; retried on
+        transient errors.  With *conn*: runs inside the caller's transaction (opened if
+        *conn* is idle and not autocommit) and does not commit: the rows are held, and
+        the advisory locks taken, until the caller commits.
+
+        Returns an empty batch when nothing is eligible.  A batch never comes with more
+        advisory locks held than rows in it: when a concurrent commit makes a locked row
+        ineligible, the statement is rolled back (releasing its locks) and run again, at
+        most ``retries + 5`` times before an empty batch is returned.
+        """
+        n = self.batch_size if limit is None else limit
+        if n < 1:
+            raise ValueError("limit must be at least 1")
+        if conn is not None:
+            with _savepoint(conn):
+                return self._claim_attempts(conn, n, savepoint=True)
+        return self._retrying(lambda c: self._claim_own(c, n))
+
+    def _claim_own(self, conn: Conn, n: int) -> Batch:
+        with conn.transaction():
+            return self._claim_attempts(conn, n, savepoint=False)
+
+    def _claim_attempts(self, conn: Conn, n: int, *, savepoint: bool) -> Batch:
+        params = {
+            "scan": n * self.scan_factor,
+            "batch": n,
+            "namespace": NAMESPACE_CLAIM,
+            "owner": self.owner,
+            "lease": self.lease_seconds,
+        }
+        for _ in range(self.retries + 5):
+            if savepoint:
+                conn.execute(f"SAVEPOINT {_SAVEPOINT}_try")
+            rows = conn.execute(self._queries["claim"], params).fetchall()
+            locked = int(rows[0][0])
+            claimed = [r for r in rows if r[1] is not None]
+            if locked == len(claimed):
+                if savepoint:
+                    conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}_try")
+                return self._batch(claimed)
+            # A locked row was claimed (or settled) by a transaction that committed after
+            # this statement's snapshot: drop every lock taken and look again.
+            self.race_rollbacks += 1
+            logger.debug("claim locked %d rows but claimed %d: retrying", locked, len(claimed))
+            if savepoint:
+                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}_try")
+                conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}_try")
+            else:
+                conn.rollback()
+        logger.warning("claim kept racing with other claimers; returning an empty batch")
+        return self._batch([])
+
+    def _batch(self, rows: Sequence[tuple[Any, ...]]) -> Batch:
+        # rows: (locked, id, token, attempts, link, data, priority, lease_until)
+        ordered = sorted(rows, key=lambda r: (-r[6], r[1]))
+        claims = tuple(Claim(id=r[1], token=r[2], attempt=r[3], link=r[4], data=r[5]) for r in ordered)
+        lease = ordered[0][7] if ordered else datetime.now(UTC)
+        return Batch(owner=self.owner, claims=claims, lease_until=lease)
+
+    # -- settle -----------------------------------------------------------------------
+
+    def extend(self, batch: Batch, seconds: float | None = None) -> None:
+        """Push the lease of every row of *batch* to *seconds* (default ``lease_seconds``)
+        from now, by the server's clock.
+
+        One statement, own short transaction, retried on transient errors.  Raises
+        `StaleClaimError` and extends nothing when any row is no longer held under the
+        batch's token.  Call it well before the lease runs out (every third of it, say).
+        """
+        if not batch.claims:
+            return
+        secs = self.lease_seconds if seconds is None else float(seconds)
+        if secs <= 0:
+            raise ValueError("seconds must be positive")
+        params = {**_pairs(batch.claims), "lease": secs}
+
+        def run(conn: Conn) -> None:
+            with conn.transaction(), _savepoint(conn):
+                rows = conn.execute(self._queries["extend"], params).fetchall()
+                _check_all(batch.claims, rows, "extend")
+
+        self._retrying(run)
+
+    def complete(self, batch: Batch, *, conn: Conn | None = None) -> None:
+        """Mark every row of *batch* done.
+
+        With *conn*: runs inside the caller's open transaction (opened if *conn* is idle
+        and not autocommit) and does not commit, so the caller can write its results and
+        mark the rows done in one commit; if that transaction rolls back, the rows stay
+        claimed and become claimable again when the lease runs out.  Without *conn*: own
+        short transaction, retried on transient errors (a retry after a lost commit
+        acknowledgement finds the rows done under the batch's token and succeeds).
+
+        Raises `StaleClaimError`, with nothing of this call applied, when any row is no
+        longer held under the batch's token (its lease ran out and another claim took
+        it, or it was requeued).  With *conn* the caller's transaction stays usable, but
+        it should be rolled back: the rows belong to someone else now.
+        """
+        self._settle(batch.claims, "complete", {}, conn)
+
+    def fail(
+        self, batch_or_claims: Batch | Sequence[Claim], error: str, *, conn: Conn | None = None
+    ) -> None:
+        """Record *error* on the rows given and release them.
+
+        A row whose attempt count reached ``max_attempts`` is parked as ``failed`` (never
+        claimed again until `requeue()`); the others go back to pending.  Transactions,
+        retries and `StaleClaimError` as for `complete()`; a retry after a lost commit
+        acknowledgement raises `StaleClaimError` (the rows were already released).
+        """
+        claims = (
+            batch_or_claims.claims if isinstance(batch_or_claims, Batch) else tuple(batch_or_claims)
+        )
+        self._settle(claims, "fail", {"error": error, "max_attempts": self.max_attempts}, conn)
+
+    def _settle(
+        self,
+        claims: Sequence[Claim],
+        operation: str,
+        extra: dict[str, Any],
+        conn: Conn | None,
+    ) -> None:
+        if not claims:
+            return
+        params = {**_pairs(claims), **extra}
+        query = self._queries[operation]
+
+        def run(c: Conn) -> None:
+            with _savepoint(c):
+                rows = c.execute(query, params).fetchall()
+                _check_all(claims, rows, operation)
+
+        if conn is not None:
+            run(conn)
+            return
+
+        def own(c: Conn) -> None:
+            with c.transaction():
+                run(c)
+
+        self._retrying(own)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _retrying(self, fn: Callable[[Conn], T]) -> T:
+        for attempt in Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self.retries),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        ):
+            with attempt, self._pool.connection() as conn:
+                return fn(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _pairs(claims: Sequence[Claim]) -> dict[str, list[int]]:
+    # Sorted by id: concurrent statements touching the same rows lock them in one order.
+    ordered = sorted(claims, key=lambda c: c.id)
+    return {"ids": [c.id for c in ordered], "tokens": [c.token for c in ordered]}
+
+
+def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operation: str) -> None:
+    done = {int(r[0]) for r in rows}
+    stale = sorted(c.id for c in claims if c.id not in done)
+    if stale:
+        raise StaleClaimError(operation, stale)
+
+
+@contextmanager
+def _savepoint(conn: Conn) -> Iterator[None]:
+    """Run the block inside a savepoint of *conn*'s transaction; undo it on error.
+
+    Opens the transaction when *conn* is idle and not autocommit (psycopg's implicit
+    transaction, left for the caller to commit).
+    """
+    status = conn.info.transaction_status
+    if status == pq.TransactionStatus.INERROR:
+        raise psycopg.errors.InFailedSqlTransaction("the caller's transaction has failed")
+    if status == pq.TransactionStatus.IDLE and conn.autocommit:
+        raise ValueError("conn is in autocommit mode with no transaction open")
+    conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+    try:
+        yield
+    except BaseException:
+        if conn.info.transaction_status == pq.TransactionStatus.INERROR or not conn.closed:
+            try:
+                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            except psycopg.OperationalError:
+                pass  # the connection is gone, and the transaction with it
+        raise
+    conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+
+
+def requeue(
+    conninfo: str | ConnectionPool[Any],
+    ids: Sequence[int] | None = None,
+    *,
+    failed_only: bool = True,
+) -> int:
+    """Put rows back to pending with a fresh attempt budget; return how many moved.
+
+    By default only parked (``failed``) rows move: all of them, or those of *ids*.  With
+    ``failed_only=False`` every non-pending row given (all of them when *ids* is None)
+    moves, done and claimed rows included; a claimed row's token is cleared, so its
+    worker's `Claimer.complete()` then raises `StaleClaimError`.  One short transaction.
+    """
+    q = load("claim")
+    if ids is not None:
+        name = "requeue_failed_ids" if failed_only else "requeue_ids"
+        params: dict[str, Any] = {"ids": [int(i) for i in ids]}
+    else:
+        name = "requeue_failed" if failed_only else "requeue_all"
+        params = {}
+    if isinstance(conninfo, str):
+        with psycopg.connect(conninfo, prepare_threshold=None) as conn, conn.transaction():
+            return conn.execute(q[name], params).rowcount
+    with conninfo.connection() as conn, conn.transaction():
+        return int(conn.execute(q[name], params).rowcount)
