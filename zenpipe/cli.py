@@ -97,6 +97,59 @@ def _cmd_schema_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_requeue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe requeue``: put parked (failed) rows, or any rows given, back to pending."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .claim import requeue  # noqa: PLC0415 - keeps `zenpipe --help` light
+
+        ids = args.ids or None
+        if args.all and ids is not None:
+            raise ZenpipeError("give --id or --all, not both")
+        with _database(args.dsn) as dsn:
+            moved = requeue(dsn, ids, failed_only=not (args.all or args.any_status))
+        print(f"requeued {moved} row{'' if moved == 1 else 's'}")
+        return 0
+
+    text = "put failed rows (or the rows given) back to pending with a fresh attempt budget"
+    p = sub.add_parser("requeue", help=text, description=text)
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN, "
+                   "else a throwaway server)")
+    p.add_argument("--id", dest="ids", type=int, action="append", default=[],
+                   help="a results id (repeatable); default: every failed row")
+    p.add_argument("--any-status", action="store_true",
+                   help="with --id: requeue those rows whatever their status (done, claimed)")
+    p.add_argument("--all", action="store_true",
+                   help="requeue EVERY non-pending row (a full re-run); live claims are fenced")
+    p.set_defaults(func=run)
+
+
+def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe stats``: the fleet's budget, servers and pool metrics, and the dashboard."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .pool import fleet_status  # noqa: PLC0415 (keeps `zenpipe --help` light)
+
+        throwaway = not (args.dsn or os.environ.get("ZENPIPE_DSN"))
+        with _database(args.dsn) as dsn:
+            if throwaway:
+                schema.apply(dsn)
+            with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+                status = fleet_status(conn)
+        if args.json:
+            print(status.to_json())
+        else:
+            print(status.render())
+        return 0
+
+    text = "show the fleet's connection budget, live servers and pool metrics"
+    p = sub.add_parser("stats", help=text, description=text)
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN, "
+                   "else a throwaway server)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds to wait for another process's migration run")
     add(schema_sub, "status", _cmd_schema_status, "list applied and pending migrations")
     # Further subcommands register here, one call each.
+    _add_stats(sub)
+    _add_requeue(sub)
     return parser
 
 

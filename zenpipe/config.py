@@ -67,8 +67,15 @@ _DURATION_FIELDS = frozenset(
     }
 )
 _INT_FIELDS = frozenset(
-    {"pool_min", "pool_max", "pool_floor", "max_waiting", "reserved_connections",
-     "fleet_budget", "heartbeat_misses"}
+    {
+        "pool_min",
+        "pool_max",
+        "pool_floor",
+        "max_waiting",
+        "reserved_connections",
+        "fleet_budget",
+        "heartbeat_misses",
+    }
 )
 
 
@@ -86,7 +93,7 @@ def redacted_dsn(dsn: str) -> str:
         return "<unparseable dsn>"
     if "password" in params:
         params["password"] = _REDACTED
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def parse_duration(value: str | float, *, name: str) -> float:
@@ -226,8 +233,13 @@ class Settings:
             fail("max_waiting", "must be at least 1 (the waiting queue is always bounded)")
         if self.pool_timeout <= 0:
             fail("pool_timeout", "must be positive (a caller never waits forever)")
-        for name in ("max_lifetime", "max_idle", "reconnect_timeout", "connect_timeout",
-                     "heartbeat_interval"):
+        for name in (
+            "max_lifetime",
+            "max_idle",
+            "reconnect_timeout",
+            "connect_timeout",
+            "heartbeat_interval",
+        ):
             if getattr(self, name) <= 0:
                 fail(name, "must be positive")
         if self.reserved_connections < 0:
@@ -238,9 +250,7 @@ class Settings:
             fail("heartbeat_misses", "must be at least 1")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``ZENPIPE_*`` variables, with *overrides* winning.
 
         *environ* defaults to `os.environ`.  Raises `ConfigError` naming the variable

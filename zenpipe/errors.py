@@ -24,6 +24,7 @@ TRANSIENT_SQLSTATES = frozenset(
         "57P02",  # crash_shutdown
         "57P03",  # cannot_connect_now (server starting up)
         "53300",  # too_many_connections
+        "25P03",  # idle_in_transaction_session_timeout (the session is gone; a new one works)
         "08000",  # connection_exception
         "08003",  # connection_does_not_exist
         "08006",  # connection_failure
@@ -154,3 +155,10 @@ class StaleClaimError(ZenpipeError):
             f"{operation} refused: {len(ids)} row(s) no longer held under this claim's "
             f"token ({shown}); nothing was applied"
         )
+
+
+class UpsertError(ZenpipeError):
+    """The writer was used in a way it cannot honour (e.g. an autocommit connection).
+
+    Bad records never raise: they are rejected into ``zen_rejects`` and reported.
+    """

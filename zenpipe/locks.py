@@ -7,11 +7,13 @@ namespaces below as the first key.  The two-key space never overlaps the one-key
 
 from __future__ import annotations
 
-__all__ = ["ALL_NAMESPACES", "NAMESPACE_CLAIM", "NAMESPACE_MIGRATION"]
+__all__ = ["ALL_NAMESPACES", "NAMESPACE_CLAIM", "NAMESPACE_FLEET", "NAMESPACE_MIGRATION"]
 
 #: ``b"ZEN\x00"``: schema migrations (one session lock around a migration run).
 NAMESPACE_MIGRATION = 0x5A454E00
 #: ``b"ZEN\x01"``: claims of ``results`` rows (transaction locks, second key from the id).
 NAMESPACE_CLAIM = 0x5A454E01
+#: ``b"ZEN\x02"``: fleet registration (transaction lock around the budget arithmetic).
+NAMESPACE_FLEET = 0x5A454E02
 
-ALL_NAMESPACES = (NAMESPACE_MIGRATION, NAMESPACE_CLAIM)
+ALL_NAMESPACES = (NAMESPACE_MIGRATION, NAMESPACE_CLAIM, NAMESPACE_FLEET)

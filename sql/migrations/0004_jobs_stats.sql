@@ -98,10 +98,11 @@ FROM
             coalesce(sum(emails_count), 0)         AS emails_total,
             count(DISTINCT country_code)           AS countries
      FROM zen_contacts) AS c,
+    -- Live = lease not expired; each server holds its pool plus one control connection.
     (SELECT count(*)                          AS servers_live,
-            coalesce(sum(pool_size), 0)       AS pool_connections
+            coalesce(sum(pool_size + 1), 0)   AS pool_connections
      FROM zen_servers
-     WHERE last_heartbeat > now() - interval '2 minutes') AS s,
+     WHERE expires_at > now()) AS s,
     (SELECT coalesce(sum(rows_written), 0)    AS rows_written_24h,
             coalesce(sum(rows_rejected), 0)   AS rows_rejected_24h,
             coalesce(sum(rows_failed), 0)     AS rows_failed_24h

@@ -1,0 +1,776 @@
+"""A bounded connection pool that shares PostgreSQL's connections with the whole fleet.
+
+`ZenPool` is a `psycopg_pool.ConnectionPool` (code that takes a ConnectionPool takes a
+ZenPool) with zenpipe's rules on top:
+
+- bounded: a caller waits at most ``pool_timeout`` seconds (then `PoolTimeoutError`) and
+  at most ``max_waiting`` callers wait at once (then `PoolQueueFullError`); both say
+  which limit was hit and the pool's figures at that moment;
+- fleet budget: before opening, the server registers in ``zen_servers`` and takes its
+  pool size from what the live servers leave of ``max_connections`` (`Budget`); a
+  background thread heartbeats and reports metrics; a dead server's share comes back
+  when its lease runs out;
+- resilient: connections are checked before use, replaced after ``max_lifetime`` and
+  when idle above ``pool_min`` for ``max_idle``; each connection carries
+  ``statement_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout``;
+- PgBouncer transaction mode (flag or autodetection): no prepared statements, no session
+  state; the timeouts are set per transaction instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from . import __version__
+from .config import Settings, redacted_dsn
+from .errors import (
+    FleetBudgetExceeded,
+    PoolQueueFullError,
+    PoolTimeoutError,
+    ServerIdInUse,
+    is_transient,
+)
+from .locks import NAMESPACE_FLEET
+from .queries import load
+
+__all__ = [
+    "CONTROL_CONNECTIONS",
+    "Budget",
+    "FleetMember",
+    "FleetStatus",
+    "PoolMetrics",
+    "ZenPool",
+    "connect_kwargs",
+    "detect_pgbouncer",
+    "fleet_status",
+]
+
+logger = logging.getLogger("zenpipe.pool")
+
+_FLEET_KEY = 1
+#: Connections a server holds besides its pool: the control connection that registers
+#: and heartbeats (never taken from the pool, so a saturated pool cannot stop heartbeats).
+CONTROL_CONNECTIONS = 1
+#: Expired rows are deleted this long after their lease ended.
+_PURGE_AFTER_S = 3600.0
+
+Conn = psycopg.Connection[TupleRow]
+
+
+# -- connection parameters -----------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return str(round(seconds * 1000))
+
+
+def connect_kwargs(settings: Settings, *, pgbouncer: bool, server_id: str) -> dict[str, Any]:
+    """The keyword arguments of `psycopg.Connection.connect` for a pooled connection.
+
+    Direct connections get the three timeouts as startup ``options`` (set before the
+    first query, kept for the session, no extra round trip).  Behind PgBouncer the
+    startup ``options`` are refused, or dropped when listed in
+    ``ignore_startup_parameters``, and server connections are shared, so there the
+    timeouts are set per transaction (`ZenPool.connection`) and prepared statements are
+    off (``prepare_threshold=None``): another client's server connection does not know
+    ours.
+    """
+    kwargs: dict[str, Any] = {
+        # PgBouncer forwards application_name, so pg_stat_activity names the server.
+        "application_name": f"zenpipe:{server_id}"[:63],
+        "connect_timeout": max(1, round(settings.connect_timeout)),
+    }
+    if pgbouncer:
+        kwargs["prepare_threshold"] = None
+    else:
+        kwargs["options"] = (
+            f"-c statement_timeout={_ms(settings.statement_timeout)}"
+            f" -c lock_timeout={_ms(settings.lock_timeout)}"
+            f" -c idle_in_transaction_session_timeout={_ms(settings.idle_in_tx_timeout)}"
+        )
+    return kwargs
+
+
+def detect_pgbouncer(conn: psycopg.Connection[Any]) -> bool:
+    """Whether *conn* reaches PostgreSQL through a proxy such as PgBouncer.
+
+    Compares the port we dialed with the port the PostgreSQL server listens on: a proxy
+    listens on its own port.  Misses a proxy on another host that uses the same port
+    number as the server, and takes a port-forward (Docker's ``-p 5433:5432``) for a
+    proxy, which only costs prepared statements.  Set ``ZENPIPE_PGBOUNCER`` to decide
+    instead of guessing.
+    """
+    row = conn.execute(load("pool")["server_limits"]).fetchone()
+    assert row is not None
+    return int(conn.info.port) != int(row[3])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the fleet budget ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The arithmetic of the fleet's connection budget.
+
+    ``total`` = ``max_connections`` - ``superuser_reserved_connections`` -
+    ``reserved_connections`` (PostgreSQL 16+) - zenpipe's own reserve, unless a fixed
+    ``fleet_budget`` is configured.  Connections of other applications are not counted:
+    the reserve is there for them (admin, migrations, monitoring).
+    """
+
+    max_connections: int
+    superuser_reserved: int
+    pg_reserved: int
+    reserve: int
+    fixed: int | None = None
+
+    @property
+    def total(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        return self.max_connections - self.superuser_reserved - self.pg_reserved - self.reserve
+
+    def explain(self) -> str:
+        if self.fixed is not None:
+            return f"fleet budget {self.fixed} (fixed by fleet_budget)"
+        return (
+            f"fleet budget {self.total} = max_connections {self.max_connections}"
+            f" - superuser_reserved_connections {self.superuser_reserved}"
+            + (f" - reserved_connections {self.pg_reserved}" if self.pg_reserved else "")
+            + f" - zenpipe reserve {self.reserve}"
+        )
+
+    def grant(self, *, pool_max: int, pool_floor: int, in_use: int, live_servers: int) -> int:
+        """The pool size a new server gets: ``min(pool_max, left - control)``.
+
+        Raises `FleetBudgetExceeded` with the arithmetic when that is below
+        *pool_floor* (or below *pool_max* when *pool_floor* is 0), or below 1.
+        """
+        left = self.total - in_use
+        granted = min(pool_max, left - CONTROL_CONNECTIONS)
+        floor = max(1, pool_floor or pool_max)
+        if granted < floor:
+            raise FleetBudgetExceeded(
+                f"{self.explain()}; {live_servers} live server(s) hold {in_use}, "
+                f"{max(left, 0)} left; this server needs {CONTROL_CONNECTIONS} control + "
+                f"{floor} pool connection(s) (pool_max {pool_max}, pool_floor {pool_floor}): "
+                "not starting, so as not to push PostgreSQL over max_connections "
+                "(set ZENPIPE_POOL_FLOOR to start with a smaller pool)",
+                budget=self.total,
+                in_use=in_use,
+                needed=CONTROL_CONNECTIONS + floor,
+            )
+        return granted
+
+
+class FleetMember:
+    """This process's row in ``zen_servers``: registration, heartbeats, departure.
+
+    Holds one control connection of its own (counted in the budget), so heartbeats go
+    on when every pooled connection is busy.  `register` blocks on the fleet lock while
+    another server registers and retries transient errors (a restarting server, "too
+    many clients") for at most ``pool_timeout`` seconds.  The heartbeat thread is a
+    daemon; `stop` ends it and deletes the row.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        server_id: str,
+        stats: Callable[[], dict[str, Any]] = dict,
+        on_resize: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.server_id = server_id
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.pool_size = 0
+        self.budget: Budget | None = None
+        self.pgbouncer: bool | None = settings.pgbouncer
+        self.heartbeats = 0
+        self.heartbeat_errors = 0
+        self.evictions = 0
+        self._stats = stats
+        self._on_resize = on_resize
+        self._conn: Conn | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def lease(self) -> float:
+        """Seconds a heartbeat keeps the row live."""
+        return self.settings.heartbeat_interval * self.settings.heartbeat_misses
+
+    def _control(self) -> Conn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                with suppress(Exception):
+                    self._conn.close()
+            # No startup options (a PgBouncer may refuse them) and no prepared
+            # statements: this connection may be the autodetection probe.
+            self._conn = psycopg.connect(
+                self.settings.dsn,
+                autocommit=True,
+                prepare_threshold=None,
+                application_name=f"zenpipe-ctl:{self.server_id}"[:63],
+                connect_timeout=max(1, round(self.settings.connect_timeout)),
+            )
+            if self.pgbouncer is None:
+                self.pgbouncer = detect_pgbouncer(self._conn)
+        return self._conn
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
+            retry=retry_if_exception(
+                lambda e: is_transient(e) and not isinstance(e, FleetBudgetExceeded)
+            ),
+            stop=stop_after_delay(self.settings.pool_timeout),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        )
+
+    def register(self, *, pool_max: int, pool_floor: int) -> int:
+        """Take a share of the budget and insert (or refresh) our row; return the size.
+
+        Raises `FleetBudgetExceeded` when the share would be below the floor and
+        `ServerIdInUse` when a live process elsewhere holds our server id.
+        """
+        for attempt in self._retrying():
+            with attempt, self._lock:
+                try:
+                    return self._register_once(pool_max, pool_floor)
+                except psycopg.Error:
+                    self._drop_control()
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _register_once(self, pool_max: int, pool_floor: int) -> int:
+        q = load("pool")
+        s = self.settings
+        conn = self._control()
+        ident = {"server_id": self.server_id}
+        with conn.transaction():
+            conn.execute(
+                q["set_local_timeouts"],
+                (_ms(s.statement_timeout), _ms(s.lock_timeout), _ms(s.idle_in_tx_timeout)),
+            )
+            conn.execute(q["fleet_lock"], (NAMESPACE_FLEET, _FLEET_KEY))
+            limits = conn.execute(q["server_limits"]).fetchone()
+            assert limits is not None
+            owner = conn.execute(q["own_row"], ident).fetchone()
+            if owner is not None and owner[2] and (owner[0], owner[1]) != (self.host, self.pid):
+                same_host_dead = owner[0] == self.host and not _pid_alive(int(owner[1]))
+                if not same_host_dead:
+                    raise ServerIdInUse(
+                        f"server id {self.server_id!r} is held by live process {owner[1]} "
+                        f"on {owner[0]} (its lease has not run out): give each process its "
+                        "own ZENPIPE_SERVER_ID"
+                    )
+            usage = conn.execute(q["live_usage"], ident).fetchone()
+            assert usage is not None
+            budget = Budget(
+                max_connections=int(limits[0]),
+                superuser_reserved=int(limits[1]),
+                pg_reserved=int(limits[2]),
+                reserve=s.reserved_connections,
+                fixed=s.fleet_budget,
+            )
+            granted = budget.grant(
+                pool_max=pool_max,
+                pool_floor=pool_floor,
+                in_use=int(usage[1]),
+                live_servers=int(usage[0]),
+            )
+            conn.execute(
+                q["register"],
+                {
+                    **ident,
+                    "host": self.host,
+                    "pid": self.pid,
+                    "pool_size": granted,
+                    "version": __version__,
+                    "lease": self.lease,
+                },
+            )
+            conn.execute(q["purge_expired"], (_PURGE_AFTER_S,))
+        self.pool_size = granted
+        self.budget = budget
+        logger.info(
+            "server %s registered: pool of %d (%s; %d live server(s) held %d)",
+            self.server_id,
+            granted,
+            budget.explain(),
+            usage[0],
+            usage[1],
+        )
+        return granted
+
+    def beat(self) -> None:
+        """Extend our lease and report the pool's metrics (one statement).
+
+        When the row expired meanwhile (a long stall: its share may be someone else's
+        now), register again under the fleet lock and resize the pool to the new share.
+        Raises what the database raises; the heartbeat thread logs it and tries again.
+        """
+        q = load("pool")
+        with self._lock:
+            try:
+                row = (
+                    self._control()
+                    .execute(
+                        q["heartbeat"],
+                        {
+                            "server_id": self.server_id,
+                            "host": self.host,
+                            "pid": self.pid,
+                            "lease": self.lease,
+                            "stats": Jsonb(self._stats()),
+                        },
+                    )
+                    .fetchone()
+                )
+            except psycopg.Error:
+                self._drop_control()
+                raise
+        self.heartbeats += 1
+        if row is not None:
+            return
+        self.evictions += 1
+        logger.warning("server %s: lease expired, registering again", self.server_id)
+        floor = self.settings.pool_floor or self.settings.pool_max
+        granted = self.register(pool_max=self.settings.pool_max, pool_floor=floor)
+        if self._on_resize is not None:
+            self._on_resize(granted)
+
+    def start_heartbeats(self) -> None:
+        """Start the daemon heartbeat thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"zenpipe-heartbeat-{self.server_id}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.beat()
+            except Exception as e:
+                self.heartbeat_errors += 1
+                logger.warning("server %s: heartbeat failed: %s", self.server_id, e)
+
+    def stop(self, *, leave: bool = True) -> None:
+        """Stop heartbeats; with *leave*, delete our row so its share is free at once."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=self.settings.connect_timeout + 5)
+        if leave:
+            with self._lock, suppress(psycopg.Error):
+                self._control().execute(
+                    load("pool")["leave"],
+                    {"server_id": self.server_id, "host": self.host, "pid": self.pid},
+                )
+        self._drop_control()
+
+    def _drop_control(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.close()
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """A pool's figures at one moment: gauges, then counters since the pool opened."""
+
+    pool_max: int
+    pool_size: int
+    used: int
+    free: int
+    waiting: int
+    requests: int
+    requests_waited: int
+    wait_ms: int
+    timeouts: int
+    queue_full: int
+    connections_opened: int
+    connection_errors: int
+    connections_lost: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# -- the pool ------------------------------------------------------------------------
+
+
+class ZenPool(psycopg_pool.ConnectionPool[Conn]):
+    """A `psycopg_pool.ConnectionPool` sized by the fleet budget and bounded everywhere.
+
+    The constructor blocks while it registers the server (fleet lock, at most
+    ``pool_timeout`` seconds of retries on transient errors) and, with ``open=True``,
+    starts the pool without waiting for connections (call `wait()` for that).  It raises
+    `FleetBudgetExceeded` when the budget cannot fit this server and `ServerIdInUse`
+    when another live process holds its id.  With ``fleet=False`` no registry is used
+    and the pool has ``pool_max`` connections.
+
+    `getconn`/`connection` wait at most ``pool_timeout`` seconds and raise
+    `PoolTimeoutError` (a `psycopg_pool.PoolTimeout`), or `PoolQueueFullError` (a
+    `psycopg_pool.TooManyRequests`) when ``max_waiting`` callers already wait.
+    `close` stops the heartbeats and deletes the server's row.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        fleet: bool = True,
+        open: bool = True,
+        configure: Callable[[Conn], None] | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is None:
+            settings = Settings.from_env(**overrides)
+        elif overrides:
+            settings = settings.replace(**overrides)
+        self.settings = settings
+        self.server_id = settings.server_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._counter_lock = threading.Lock()
+        self._timeouts = 0
+        self._queue_full = 0
+        self.fleet: FleetMember | None = None
+
+        size = settings.pool_max
+        pgbouncer = settings.pgbouncer
+        if fleet:
+            self.fleet = FleetMember(
+                settings,
+                server_id=self.server_id,
+                stats=self._heartbeat_stats,
+                on_resize=self._resize_to_share,
+            )
+            try:
+                size = self.fleet.register(
+                    pool_max=settings.pool_max, pool_floor=settings.pool_floor
+                )
+            except BaseException:
+                self.fleet.stop(leave=False)  # closes the control connection
+                raise
+            pgbouncer = self.fleet.pgbouncer
+        elif pgbouncer is None:
+            with psycopg.connect(
+                settings.dsn,
+                autocommit=True,
+                prepare_threshold=None,
+                connect_timeout=max(1, round(settings.connect_timeout)),
+            ) as probe:
+                pgbouncer = detect_pgbouncer(probe)
+        self.pgbouncer: bool = bool(pgbouncer)
+        self._local_timeouts = (
+            _ms(settings.statement_timeout),
+            _ms(settings.lock_timeout),
+            _ms(settings.idle_in_tx_timeout),
+        )
+        try:
+            super().__init__(
+                settings.dsn,
+                kwargs=connect_kwargs(settings, pgbouncer=self.pgbouncer, server_id=self.server_id),
+                min_size=min(settings.pool_min, size),
+                max_size=size,
+                open=open,
+                configure=configure,
+                check=psycopg_pool.ConnectionPool.check_connection,
+                name=f"zenpipe:{self.server_id}",
+                timeout=settings.pool_timeout,
+                max_waiting=settings.max_waiting,
+                max_lifetime=settings.max_lifetime,
+                max_idle=settings.max_idle,
+                reconnect_timeout=settings.reconnect_timeout,
+                reconnect_failed=self._reconnect_failed,
+            )
+        except BaseException:
+            if self.fleet is not None:
+                self.fleet.stop()
+            raise
+        if self.fleet is not None:
+            self.fleet.start_heartbeats()
+        logger.info(
+            "pool %s: max %d, min %d, %s, dsn %s",
+            self.name,
+            size,
+            self.min_size,
+            "PgBouncer transaction mode" if self.pgbouncer else "direct",
+            redacted_dsn(settings.dsn),
+        )
+
+    # -- bounded acquisition ----------------------------------------------------------
+
+    def getconn(self, timeout: float | None = None) -> Conn:
+        """Obtain a connection; prefer `connection()`.
+
+        Waits at most *timeout* (default ``pool_timeout``) seconds.  Raises
+        `PoolTimeoutError` when none became free in time and `PoolQueueFullError` when
+        ``max_waiting`` callers are already waiting; both carry the pool's figures.
+        """
+        wait = self.timeout if timeout is None else timeout
+        try:
+            return super().getconn(timeout)
+        except psycopg_pool.TooManyRequests as e:
+            with self._counter_lock:
+                self._queue_full += 1
+            figures = self._figures()
+            raise PoolQueueFullError(
+                f"pool {self.name}: waiting queue full (max_waiting {self.max_waiting}): "
+                f"{self._describe(figures)}",
+                figures,
+            ) from e
+        except psycopg_pool.PoolTimeout as e:
+            with self._counter_lock:
+                self._timeouts += 1
+            figures = self._figures()
+            raise PoolTimeoutError(
+                f"pool {self.name}: no connection free after {wait:.2f} s "
+                f"(pool_timeout): {self._describe(figures)}",
+                figures,
+            ) from e
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Conn]:
+        """A connection for the ``with`` block, returned to the pool at its end.
+
+        Waits and raises as `getconn`.  Behind PgBouncer, when the connection is not in
+        autocommit mode, the block's transaction starts with the configured timeouts set
+        for that transaction (``set_config(..., true)``): the only setting that cannot
+        leak to, or be lost on, a shared server connection.  A block that commits and
+        goes on, or uses autocommit, runs its later transactions without them (see
+        `apply_timeouts`).
+        """
+        with super().connection(timeout) as conn:
+            if self.pgbouncer and not conn.autocommit:
+                self.apply_timeouts(conn)
+            yield conn
+
+    def apply_timeouts(self, conn: Conn) -> None:
+        """Set the configured timeouts for *conn*'s current transaction only.
+
+        Opens the transaction when none is open (outside autocommit).  Needed only
+        behind PgBouncer; direct connections have them for the whole session.
+        """
+        conn.execute(load("pool")["set_local_timeouts"], self._local_timeouts)
+
+    # -- metrics ----------------------------------------------------------------------
+
+    def _figures(self) -> dict[str, int]:
+        stats = self.get_stats()
+        size = stats.get("pool_size", 0)
+        free = stats.get("pool_available", 0)
+        return {
+            "pool_max": self.max_size,
+            "pool_size": size,
+            "used": max(size - free, 0),
+            "free": free,
+            "waiting": stats.get("requests_waiting", 0),
+        }
+
+    @staticmethod
+    def _describe(figures: dict[str, int]) -> str:
+        return (
+            f"{figures['used']} in use, {figures['free']} free, {figures['pool_size']} open "
+            f"of max {figures['pool_max']}, {figures['waiting']} waiting"
+        )
+
+    def metrics(self) -> PoolMetrics:
+        """The pool's gauges and counters now (cheap: no database round trip)."""
+        stats = self.get_stats()
+        figures = self._figures()
+        with self._counter_lock:
+            timeouts, queue_full = self._timeouts, self._queue_full
+        return PoolMetrics(
+            pool_max=figures["pool_max"],
+            pool_size=figures["pool_size"],
+            used=figures["used"],
+            free=figures["free"],
+            waiting=figures["waiting"],
+            requests=stats.get("requests_num", 0),
+            requests_waited=stats.get("requests_queued", 0),
+            wait_ms=stats.get("requests_wait_ms", 0),
+            timeouts=timeouts,
+            queue_full=queue_full,
+            connections_opened=stats.get("connections_num", 0),
+            connection_errors=stats.get("connections_errors", 0),
+            connections_lost=stats.get("connections_lost", 0) + stats.get("returns_bad", 0),
+        )
+
+    def _heartbeat_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.metrics().as_dict()
+        out["pgbouncer"] = self.pgbouncer
+        return out
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _resize_to_share(self, size: int) -> None:
+        if size != self.max_size:
+            logger.warning(
+                "pool %s: resized from %d to %d by the fleet budget", self.name, self.max_size, size
+            )
+            self.resize(min(self.min_size, size), size)
+
+    def _reconnect_failed(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
+        logger.error(
+            "pool %s: could not reconnect to %s for %.0f s",
+            self.name,
+            redacted_dsn(self.settings.dsn),
+            self.reconnect_timeout,
+        )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close every connection (waiting at most *timeout* seconds for the workers),
+        then stop heartbeats and delete the server's row."""
+        try:
+            super().close(timeout)
+        finally:
+            if self.fleet is not None:
+                self.fleet.stop()
+
+
+# -- fleet figures -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """The fleet as ``zen_servers`` and the PostgreSQL server see it."""
+
+    budget: Budget
+    backend_connections: int
+    servers: list[dict[str, Any]]
+    dashboard: dict[str, Any]
+
+    @property
+    def live(self) -> list[dict[str, Any]]:
+        return [s for s in self.servers if s["live"]]
+
+    def totals(self) -> dict[str, Any]:
+        """Budget, reserved connections and the live servers' summed pool metrics."""
+        live = self.live
+        out: dict[str, Any] = {
+            "max_connections": self.budget.max_connections,
+            "budget": self.budget.total,
+            "budget_explained": self.budget.explain(),
+            "live_servers": len(live),
+            "expired_servers": len(self.servers) - len(live),
+            "fleet_connections": sum(s["pool_size"] + CONTROL_CONNECTIONS for s in live),
+            "backend_connections": self.backend_connections,
+        }
+        for key in (
+            "used",
+            "free",
+            "waiting",
+            "wait_ms",
+            "timeouts",
+            "queue_full",
+            "connections_lost",
+        ):
+            out[key] = sum(int(s["stats"].get(key, 0)) for s in live)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fleet": self.totals(), "servers": self.servers, "dashboard": self.dashboard}
+
+    def to_json(self) -> str:
+        """`as_dict` as indented JSON (timestamps and numerics as strings)."""
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+    def render(self) -> str:
+        """Plain text for ``zenpipe stats``: fleet totals, one line per server, dashboard."""
+        t = self.totals()
+        lines = [
+            f"{t['budget_explained']}",
+            f"fleet: {t['live_servers']} live server(s) ({t['expired_servers']} expired) "
+            f"hold {t['fleet_connections']} of {t['budget']} budgeted connections; "
+            f"PostgreSQL has {t['backend_connections']} client connection(s) of "
+            f"max_connections {t['max_connections']}",
+            f"pools: {t['used']} used, {t['free']} free, {t['waiting']} waiting, "
+            f"{t['wait_ms']} ms waited, {t['timeouts']} timeouts, "
+            f"{t['queue_full']} queue full, {t['connections_lost']} connections lost",
+            "",
+            "servers:",
+        ]
+        for srv in self.servers:
+            st = srv["stats"]
+            lines.append(
+                f"  {srv['server_id']}  {'live' if srv['live'] else 'expired'}  "
+                f"host {srv['host']} pid {srv['pid']}  pool {srv['pool_size']}  "
+                f"used {st.get('used', '-')} free {st.get('free', '-')} "
+                f"waiting {st.get('waiting', '-')} timeouts {st.get('timeouts', '-')}  "
+                f"heartbeat {srv['last_heartbeat']}  v{srv['version']}"
+            )
+        if not self.servers:
+            lines.append("  (none)")
+        lines += ["", "dashboard:"]
+        lines += [f"  {key}: {value}" for key, value in self.dashboard.items()]
+        return "\n".join(lines)
+
+
+def fleet_status(conn: psycopg.Connection[Any], settings: Settings | None = None) -> FleetStatus:
+    """Read the fleet's rows, the budget and ``zen_v_dashboard`` over *conn*.
+
+    *settings* gives the reserve and fixed budget used in the arithmetic (default: from
+    the environment).
+    """
+    s = settings or Settings.from_env(dsn="")
+    q = load("pool")
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    limits = conn.execute(q["server_limits"]).fetchone()
+    assert limits is not None
+    backends = conn.execute(q["backend_connections"]).fetchone()
+    servers = cur.execute(q["fleet_servers"]).fetchall()
+    dashboard = cur.execute(q["dashboard"]).fetchone() or {}
+    for row in servers:
+        for key, value in row.items():
+            if isinstance(value, datetime):
+                row[key] = value.isoformat()
+    return FleetStatus(
+        budget=Budget(
+            int(limits[0]), int(limits[1]), int(limits[2]), s.reserved_connections, s.fleet_budget
+        ),
+        backend_connections=int(backends[0]) if backends else 0,
+        servers=servers,
+        dashboard=dict(dashboard),
+    )
