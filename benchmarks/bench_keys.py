@@ -45,6 +45,12 @@ def main() -> None:
     parts = [keys.partition_of(k) for k in py_keys]
     route_s = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    v_keys, v_parts = keys.route(links)
+    vec_s = time.perf_counter() - t0
+    if v_keys != py_keys or v_parts != parts:
+        raise SystemExit("vectorized keys disagree with the scalar ones")
+
     with server(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         t0 = time.perf_counter()
         rows = conn.execute(
@@ -67,6 +73,11 @@ def main() -> None:
     py_rate = len(links) / py_s
     rows_out = [
         {"method": "zenpipe.keys.partition_key (Python)", "keys_per_s": py_rate, "ratio": 1.0},
+        {
+            "method": "zenpipe.keys.route (vectorized keys + routing)",
+            "keys_per_s": len(links) / vec_s,
+            "ratio": (len(links) / vec_s) / py_rate,
+        },
         {
             "method": "server hashtext(), one batch (unnest)",
             "keys_per_s": len(links) / batch_s,

@@ -81,9 +81,27 @@ def test_hashtext_property_matches_server(
     assert [keys.hashtext(t) for t in texts] == server_hashes(conn, texts)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=120), max_size=200))
+def test_vectorized_route_matches_scalar(texts: list[str]) -> None:
+    keys_v, parts_v = keys.route(texts)
+    assert keys_v == [keys.hashtext(t) for t in texts]
+    assert parts_v == [keys.partition_of(k) for k in keys_v]
+    assert keys.partition_keys(texts) == keys_v
+
+
+def test_vectorized_route_matches_server(conn: psycopg.Connection[tuple[int]]) -> None:
+    texts = [*VECTORS, *("€" * n for n in range(40)), *("y" * n for n in range(0, 2100, 7))]
+    keys_v, _ = keys.route(texts)
+    assert keys_v == server_hashes(conn, texts)
+    assert keys.route([]) == ([], [])
+
+
 def test_lone_surrogate_is_refused() -> None:
     with pytest.raises(UnicodeEncodeError):
         keys.hashtext("bad \ud800 link")
+    with pytest.raises(UnicodeEncodeError):
+        keys.route(["fine", "bad \ud800 link"])
 
 
 def test_partition_of_matches_server_routing(conn: psycopg.Connection[tuple[int]]) -> None:
