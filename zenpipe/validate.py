@@ -106,15 +106,17 @@ def _check_str(v: str) -> None:
 
 
 def _text(v: Any) -> str | None:
-    if type(v) is not str:
-        if isinstance(v, str):
-            v = str(v)
-        else:
-            raise _Bad("wrong_type", f"expected a string, got {type(v).__name__}")
-    _check_str(v)
-    if not v or v.isspace():
+    if type(v) is str and v.isascii():  # the common case, checked inline (hot path)
+        if "\x00" in v:
+            raise _Bad("nul_byte", "contains a NUL byte, which PostgreSQL text cannot store")
+        return v if v and not v.isspace() else None
+    if not isinstance(v, str):
+        raise _Bad("wrong_type", f"expected a string, got {type(v).__name__}")
+    s: str = str(v)
+    _check_str(s)
+    if not s or s.isspace():
         return None
-    return v
+    return s
 
 
 def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
@@ -377,9 +379,7 @@ def _link(v: Any) -> str:
     return v
 
 
-def validate_record(
-    record: Any, *, max_array_items: int, now_us: int
-) -> Contact | list[Problem]:
+def validate_record(record: Any, *, max_array_items: int, now_us: int) -> Contact | list[Problem]:
     """Validate and normalize one record; return a `Contact` or every `Problem` found.
 
     Never raises for bad input.  *now_us* (epoch microseconds) stands for "now": the

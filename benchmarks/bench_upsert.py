@@ -1,0 +1,337 @@
+"""Upsert throughput: zenpipe's writer against plain COPY and the seed's approaches.
+
+One run, one server, the same generated records (38 fields, arrays that overlap on
+re-upsert) for every method:
+
+- ``copy_reference``: plain single-stream binary COPY of fresh rows into zen_contacts
+  (tuples built before the clock starts: the floor any writer has to beat);
+- ``seed_per_row``: per-row autocommit UPSERT with SQL-side ``ARRAY(SELECT DISTINCT ...)``
+  (the seed's approach), on a sample, extrapolated;
+- ``executemany_100``: the same UPSERT through ``executemany`` in batches of 100, on a
+  sample, extrapolated;
+- ``zenpipe_fresh``: `Upserter.upsert` of fresh rows;
+- ``zenpipe_conflict``: `Upserter.upsert` of the same links again, every row conflicting
+  and bringing one new email (plus a newer observation of every scalar).
+
+Also: the Python-side share (validation, hashing, sorting: ``Upserter._prepare``) of
+zenpipe's time, peak RSS, and the cost of re-upserting a row that already holds
+thousands of emails.
+
+    python -m benchmarks.bench_upsert [--rows 200000] [--batch 5000] [--dsn ...]
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from benchmarks.common import base_parser, fresh_database, peak_rss_mb, server, write_report
+from zenpipe import keys
+from zenpipe.upsert import Upserter
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+COUNTRIES = ["ID", "MY", "SG", "TH", "VN", "PH", "US", "DE"]
+CATEGORIES = ["Restaurant", "Cafe", "Dentist", "Hotel", "Bakery", "Gym", "Salon", "Garage"]
+
+
+def record(i: int, version: int) -> dict[str, Any]:
+    """Record *i*; version 1 re-observes it later with one more email."""
+    r = random.Random(i * 7 + version)
+    link = f"https://www.google.com/maps/place/business-{i}/@-6.{i % 9973},106.{i % 7919},17z"
+    emails = [f"info{i}@biz{i}.example", f"sales{i}@biz{i}.example"]
+    if version:
+        emails.append(f"new{version}.{i}@biz{i}.example")
+    return {
+        "source_link": link,
+        "observed_at": T0 + timedelta(hours=version, seconds=i),
+        "business_name": f"Business {i} {r.choice(CATEGORIES)}",
+        "business_category": r.choice(CATEGORIES),
+        "website": f"https://biz{i}.example/",
+        "website_domain": f"biz{i}.example",
+        "description": "A fine place. " * r.randint(1, 5),
+        "price_level": r.randint(1, 4),
+        "business_status": "OPERATIONAL",
+        "country_code": r.choice(COUNTRIES),
+        "region": f"Region {i % 50}",
+        "city": f"City {i % 500}",
+        "district": f"District {i % 2000}",
+        "address": f"Jl. Example No. {i}, RT {i % 20}/RW {i % 10}",
+        "postal_code": f"{10000 + i % 89999}",
+        "latitude": r.uniform(-11, 6),
+        "longitude": r.uniform(95, 141),
+        "timezone": "Asia/Jakarta",
+        "plus_code": f"6P58+{i % 99}X",
+        "place_id": f"ChIJ{i:012d}",
+        "google_cid": str(10**15 + i),
+        "maps_url": f"https://maps.google.com/?cid={10**15 + i}",
+        "rating": round(r.uniform(1, 5), 1),
+        "reviews_count": r.randint(0, 5000) + version,
+        "maps_phone": f"+62 21 {i % 10000:04d} {i % 997:03d}",
+        "opening_hours": {"mon": "08:00-17:00", "tue": "08:00-17:00", "sat": "closed"},
+        "photos_count": r.randint(0, 300),
+        "is_claimed": r.random() < 0.5,
+        "emails": emails,
+        "phones": [f"+62 812 {i % 10000:04d} {i % 991:03d}", f"(021) {i % 9999:04d}-1"],
+        "whatsapp": [f"+62 812 {i % 10000:04d} {i % 991:03d}"],
+        "facebook_url": f"https://facebook.com/biz{i}",
+        "instagram_url": f"https://instagram.com/biz{i}",
+        "website_title": f"Business {i} - Home",
+        "website_status_code": 200,
+        "website_language": "id",
+        "pages_crawled": r.randint(1, 20),
+        "scrape_status": "success",
+    }
+
+
+def batches(rows: int, size: int, version: int) -> Iterator[list[dict[str, Any]]]:
+    for start in range(0, rows, size):
+        yield [record(i, version) for i in range(start, min(rows, start + size))]
+
+
+COPY_COLUMNS = [
+    "partition_key", "source_link", "business_name", "business_category", "website",
+    "website_domain", "description", "price_level", "business_status", "country_code",
+    "region", "city", "district", "address", "postal_code", "latitude", "longitude",
+    "timezone", "plus_code", "place_id", "google_cid", "maps_url", "rating", "reviews_count",
+    "maps_phone", "opening_hours", "photos_count", "is_claimed", "emails", "phones",
+    "whatsapp", "facebook_url", "instagram_url", "website_title", "website_status_code",
+    "website_language", "pages_crawled", "scrape_status", "observed_at",
+]  # fmt: skip
+COPY_TYPES = [
+    "int4", "text", "text", "text", "text", "text", "text", "int2", "text", "text", "text",
+    "text", "text", "text", "text", "float8", "float8", "text", "text", "text", "text",
+    "text", "numeric", "int4", "text", "jsonb", "int4", "bool", "text[]", "text[]",
+    "text[]", "text", "text", "text", "int2", "text", "int4", "text", "timestamptz",
+]  # fmt: skip
+
+SEED_UPSERT = """
+INSERT INTO zen_contacts AS z (partition_key, source_link, business_name, business_category,
+    website, country_code, city, address, latitude, longitude, rating, reviews_count,
+    maps_phone, emails, phones, whatsapp, facebook_url, scrape_status, scrape_count)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1)
+ON CONFLICT (source_link, partition_key) DO UPDATE SET
+    business_name = COALESCE(EXCLUDED.business_name, z.business_name),
+    business_category = COALESCE(EXCLUDED.business_category, z.business_category),
+    website = COALESCE(EXCLUDED.website, z.website),
+    country_code = COALESCE(EXCLUDED.country_code, z.country_code),
+    city = COALESCE(EXCLUDED.city, z.city),
+    address = COALESCE(EXCLUDED.address, z.address),
+    latitude = COALESCE(EXCLUDED.latitude, z.latitude),
+    longitude = COALESCE(EXCLUDED.longitude, z.longitude),
+    rating = COALESCE(EXCLUDED.rating, z.rating),
+    reviews_count = COALESCE(EXCLUDED.reviews_count, z.reviews_count),
+    maps_phone = COALESCE(EXCLUDED.maps_phone, z.maps_phone),
+    emails = ARRAY(SELECT DISTINCT unnest FROM unnest(
+        COALESCE(z.emails, '{}') || COALESCE(EXCLUDED.emails, '{}')) WHERE unnest <> ''),
+    phones = ARRAY(SELECT DISTINCT unnest FROM unnest(
+        COALESCE(z.phones, '{}') || COALESCE(EXCLUDED.phones, '{}')) WHERE unnest <> ''),
+    whatsapp = ARRAY(SELECT DISTINCT unnest FROM unnest(
+        COALESCE(z.whatsapp, '{}') || COALESCE(EXCLUDED.whatsapp, '{}')) WHERE unnest <> ''),
+    facebook_url = COALESCE(EXCLUDED.facebook_url, z.facebook_url),
+    scrape_status = EXCLUDED.scrape_status,
+    scrape_count = z.scrape_count + 1,
+    updated_at = now()
+"""
+
+
+def seed_params(rec: dict[str, Any]) -> tuple[Any, ...]:
+    link = rec["source_link"]
+    return (
+        keys.hashtext(link), link, rec["business_name"], rec["business_category"],
+        rec["website"], rec["country_code"], rec["city"], rec["address"], rec["latitude"],
+        rec["longitude"], rec["rating"], rec["reviews_count"], rec["maps_phone"],
+        rec["emails"], rec["phones"], rec["whatsapp"], rec["facebook_url"],
+        rec["scrape_status"],
+    )  # fmt: skip
+
+
+def copy_tuple(rec: dict[str, Any]) -> tuple[Any, ...]:
+    from psycopg.types.json import Jsonb
+
+    vals = [keys.hashtext(rec["source_link"])]
+    for c in COPY_COLUMNS[1:]:
+        v = rec[c]
+        if c == "opening_hours":
+            v = Jsonb(v)
+        elif c == "rating":
+            from decimal import Decimal
+
+            v = Decimal(str(v))
+        vals.append(v)
+    return tuple(vals)
+
+
+def truncate(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE zen_contacts, zen_rejects")
+        conn.execute("CHECKPOINT")
+
+
+def run_copy(dsn: str, rows: int, size: int) -> float:
+    total = 0.0
+    with psycopg.connect(dsn) as conn:
+        for batch in batches(rows, size, 0):
+            tuples = [copy_tuple(r) for r in batch]
+            t = time.perf_counter()
+            with conn.cursor() as cur:
+                cols = ", ".join(COPY_COLUMNS)
+                with cur.copy(f"COPY zen_contacts ({cols}) FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(COPY_TYPES)
+                    for tup in tuples:
+                        cp.write_row(tup)
+            conn.commit()
+            total += time.perf_counter() - t
+    return total
+
+
+def run_seed(dsn: str, rows: int, *, many: bool) -> float:
+    total = 0.0
+    with psycopg.connect(dsn, autocommit=not many) as conn:
+        for batch in batches(rows, 100, 0):
+            params = [seed_params(r) for r in batch]
+            t = time.perf_counter()
+            with conn.cursor() as cur:
+                if many:
+                    cur.executemany(SEED_UPSERT, params)
+                    conn.commit()
+                else:
+                    for p in params:
+                        cur.execute(SEED_UPSERT, p)
+            total += time.perf_counter() - t
+    return total
+
+
+def run_zenpipe(dsn: str, rows: int, size: int, version: int) -> tuple[float, float, int]:
+    total = 0.0
+    python = 0.0
+    written = 0
+    with Upserter(dsn, server_id="bench", max_array_items=10_000) as up:
+        prepare = up._prepare
+
+        def timed_prepare(records: Any) -> Any:
+            nonlocal python
+            t = time.perf_counter()
+            try:
+                return prepare(records)
+            finally:
+                python += time.perf_counter() - t
+
+        up._prepare = timed_prepare  # type: ignore[method-assign]
+        for batch in batches(rows, size, version):
+            t = time.perf_counter()
+            report = up.upsert(batch)
+            total += time.perf_counter() - t
+            written += report.written
+    assert written == rows, (written, rows)
+    return total, python, written
+
+
+def big_row_costs(dsn: str, emails: int, reps: int) -> dict[str, float]:
+    """Milliseconds per re-upsert of a row that already holds *emails* emails."""
+    link = "https://big/row"
+    out: dict[str, float] = {}
+    with Upserter(dsn, server_id="bench", max_array_items=emails + reps + 10) as up:
+        up.upsert([{"source_link": link, "emails": [f"e{i:06d}@x.example" for i in range(emails)]}])
+        t = time.perf_counter()
+        for _ in range(reps):
+            up.upsert([{"source_link": link, "emails": ["e000001@x.example"]}])
+        out["nothing_new_ms"] = (time.perf_counter() - t) / reps * 1000
+        t = time.perf_counter()
+        for k in range(reps):
+            up.upsert([{"source_link": link, "emails": [f"new{k}@x.example"]}])
+        out["one_new_ms"] = (time.perf_counter() - t) / reps * 1000
+        t = time.perf_counter()
+        for _ in range(reps):
+            up.upsert([{"source_link": "https://small/row", "emails": ["a@x.example"]}])
+        out["small_row_ms"] = (time.perf_counter() - t) / reps * 1000
+    return out
+
+
+def main() -> None:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=5000, help="records per upsert call")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=5000,
+        help="rows for the per-row and executemany baselines (extrapolated)",
+    )
+    parser.add_argument("--big-emails", type=int, default=5000)
+    args = parser.parse_args()
+    rows, size = args.rows, args.batch
+    sample = min(args.sample, rows)
+    results: dict[str, dict[str, Any]] = {}
+    with server(args.dsn) as server_dsn, fresh_database(server_dsn) as dsn:
+        truncate(dsn)
+        t = run_copy(dsn, rows, size)
+        results["copy_reference"] = {"rows": rows, "seconds": t}
+        truncate(dsn)
+        t = run_seed(dsn, sample, many=False)
+        results["seed_per_row"] = {"rows": sample, "seconds": t, "extrapolated": sample < rows}
+        truncate(dsn)
+        t = run_seed(dsn, sample, many=True)
+        results["executemany_100"] = {"rows": sample, "seconds": t, "extrapolated": sample < rows}
+        truncate(dsn)
+        t, py, _ = run_zenpipe(dsn, rows, size, 0)
+        results["zenpipe_fresh"] = {"rows": rows, "seconds": t, "python_seconds": py}
+        t, py, _ = run_zenpipe(dsn, rows, size, 1)
+        results["zenpipe_conflict"] = {"rows": rows, "seconds": t, "python_seconds": py}
+        with psycopg.connect(dsn) as conn:
+            check = conn.execute(
+                "SELECT count(*), min(emails_count), max(emails_count), min(scrape_count), "
+                "max(scrape_count) FROM zen_contacts"
+            ).fetchone()
+        truncate(dsn)
+        big = big_row_costs(dsn, args.big_emails, 50)
+    ref = rows / results["copy_reference"]["seconds"]
+    table = []
+    for name, r in results.items():
+        rps = r["rows"] / r["seconds"]
+        r["rows_per_s"] = rps
+        r["ratio_vs_copy"] = rps / ref
+        if "python_seconds" in r:
+            r["python_share"] = r["python_seconds"] / r["seconds"]
+        table.append({
+            "method": name,
+            "rows": r["rows"] if not r.get("extrapolated") else f"{r['rows']} (sample)",
+            "rows/s": rps,
+            "x COPY": r["ratio_vs_copy"],
+            "python share": r.get("python_share", ""),
+        })  # fmt: skip
+    for k, v in big.items():
+        table.append(
+            {
+                "method": f"row with {args.big_emails} emails: {k}",
+                "rows": 1,
+                "rows/s": 1000 / v,
+                "x COPY": "",
+                "python share": "",
+            }
+        )
+    report = {
+        "rows": rows,
+        "batch": size,
+        "results": results,
+        "big_row": {"emails": args.big_emails, **big},
+        "after_conflict_check": list(check) if check else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "targets": {
+            "fresh_vs_copy>=1.0": results["zenpipe_fresh"]["ratio_vs_copy"] >= 1.0,
+            "conflict_vs_copy>=0.6": results["zenpipe_conflict"]["ratio_vs_copy"] >= 0.6,
+            "python_share<=0.25": max(results["zenpipe_fresh"]["python_share"],
+                                      results["zenpipe_conflict"]["python_share"]) <= 0.25,
+        },
+    }  # fmt: skip
+    write_report("bench_upsert", args.out, report, table)
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MiB; targets: {report['targets']}")
+    print(f"after conflict (count, min/max emails, min/max scrape_count): {check}")
+
+
+if __name__ == "__main__":
+    main()

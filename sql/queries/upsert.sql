@@ -1,0 +1,280 @@
+-- Statements of the writer (zenpipe.upsert). The scalar columns appear in the order of
+-- zenpipe.upsert.SCALAR_COLUMNS, which is also the slot order of zen_contacts.observed_us;
+-- tests/test_upsert.py checks that this file and the Python list agree.
+
+-- name: create_stage
+-- Transaction-scoped staging table for one binary COPY per batch: no WAL, no index, no
+-- constraint, so COPY runs at full speed, and ON COMMIT DROP works behind PgBouncer in
+-- transaction mode. ord is the writer's sort order (partition, key, link); round
+-- separates repeated links so that no statement touches a key twice.
+CREATE TEMP TABLE zen_upsert_stage (
+    ord                 integer NOT NULL,
+    round               integer NOT NULL,
+    partition_key       integer NOT NULL,
+    source_link         text    NOT NULL,
+    observed_us         bigint  NOT NULL,
+    source_id                 bigint,
+    business_name             text,
+    business_category         text,
+    website                   text,
+    website_domain            text,
+    description               text,
+    price_level               smallint,
+    business_status           text,
+    country_code              text,
+    region                    text,
+    city                      text,
+    district                  text,
+    address                   text,
+    postal_code               text,
+    latitude                  double precision,
+    longitude                 double precision,
+    timezone                  text,
+    plus_code                 text,
+    place_id                  text,
+    google_cid                text,
+    maps_url                  text,
+    rating                    double precision,
+    reviews_count             integer,
+    maps_phone                text,
+    opening_hours             jsonb,
+    photos_count              integer,
+    is_claimed                boolean,
+    emails_validated          jsonb,
+    primary_email             text,
+    whatsapp_validated        jsonb,
+    facebook_url              text,
+    instagram_url             text,
+    linkedin_url              text,
+    twitter_url               text,
+    youtube_url               text,
+    tiktok_url                text,
+    website_title             text,
+    website_status_code       smallint,
+    website_language          text,
+    contact_page_url          text,
+    pages_crawled             integer,
+    scrape_status             text,
+    scrape_error              text,
+    last_scrape_server        text,
+    emails              text[]  NOT NULL,
+    phones              text[]  NOT NULL,
+    whatsapp            text[]  NOT NULL
+) ON COMMIT DROP;
+
+-- name: drop_stage
+-- Dropped at the end of each call too, so a caller's transaction can hold several batches.
+DROP TABLE zen_upsert_stage;
+
+-- name: copy_stage
+COPY zen_upsert_stage (ord, round, partition_key, source_link, observed_us,
+    source_id, business_name, business_category, website, website_domain, description,
+    price_level, business_status, country_code, region, city, district, address,
+    postal_code, latitude, longitude, timezone, plus_code, place_id, google_cid,
+    maps_url, rating, reviews_count, maps_phone, opening_hours, photos_count,
+    is_claimed, emails_validated, primary_email, whatsapp_validated, facebook_url,
+    instagram_url, linkedin_url, twitter_url, youtube_url, tiktok_url, website_title,
+    website_status_code, website_language, contact_page_url, pages_crawled,
+    scrape_status, scrape_error, last_scrape_server,
+    emails, phones, whatsapp) FROM STDIN (FORMAT BINARY);
+
+-- name: merge_round
+-- One statement per round (almost always one per batch). Rows enter in ord order, the
+-- same total order in every writer, so two writers never lock keys in opposite orders
+-- (no deadlock). ord BETWEEN lets the bisection retry a slice inside a savepoint. The
+-- conflict target is the table's unique (source_link, partition_key); the DO UPDATE SET
+-- uses only IMMUTABLE subquery-free functions and EXCLUDED (Citus), never touches the
+-- distribution column, and sets updated_at itself (no trigger needed: its WHEN skips).
+-- Each observation slot holds the record's time for the columns it carries, NULL for the
+-- others; zen_pick_v1 keeps the newest observation per column, greatest() merges slots.
+INSERT INTO zen_contacts AS c (
+    partition_key, source_link,
+    source_id, business_name, business_category, website, website_domain, description,
+    price_level, business_status, country_code, region, city, district, address,
+    postal_code, latitude, longitude, timezone, plus_code, place_id, google_cid,
+    maps_url, rating, reviews_count, maps_phone, opening_hours, photos_count,
+    is_claimed, emails_validated, primary_email, whatsapp_validated, facebook_url,
+    instagram_url, linkedin_url, twitter_url, youtube_url, tiktok_url, website_title,
+    website_status_code, website_language, contact_page_url, pages_crawled,
+    scrape_status, scrape_error, last_scrape_server,
+    emails, phones, whatsapp, observed_us, observed_at, scrape_count, updated_at)
+SELECT
+    s.partition_key, s.source_link,
+    s.source_id, s.business_name, s.business_category, s.website,
+    s.website_domain, s.description, s.price_level, s.business_status,
+    s.country_code, s.region, s.city, s.district,
+    s.address, s.postal_code, s.latitude, s.longitude,
+    s.timezone, s.plus_code, s.place_id, s.google_cid,
+    s.maps_url, s.rating::numeric(2, 1), s.reviews_count, s.maps_phone,
+    s.opening_hours, s.photos_count, s.is_claimed, coalesce(s.emails_validated, '{}'),
+    s.primary_email, coalesce(s.whatsapp_validated, '{}'), s.facebook_url, s.instagram_url,
+    s.linkedin_url, s.twitter_url, s.youtube_url, s.tiktok_url,
+    s.website_title, s.website_status_code, s.website_language, s.contact_page_url,
+    s.pages_crawled, coalesce(s.scrape_status, 'pending'), s.scrape_error, s.last_scrape_server,
+    s.emails, s.phones, s.whatsapp,
+    ARRAY[
+        CASE WHEN s.source_id IS NULL THEN NULL ELSE s.observed_us END,  -- 1
+        CASE WHEN s.business_name IS NULL THEN NULL ELSE s.observed_us END,  -- 2
+        CASE WHEN s.business_category IS NULL THEN NULL ELSE s.observed_us END,  -- 3
+        CASE WHEN s.website IS NULL THEN NULL ELSE s.observed_us END,  -- 4
+        CASE WHEN s.website_domain IS NULL THEN NULL ELSE s.observed_us END,  -- 5
+        CASE WHEN s.description IS NULL THEN NULL ELSE s.observed_us END,  -- 6
+        CASE WHEN s.price_level IS NULL THEN NULL ELSE s.observed_us END,  -- 7
+        CASE WHEN s.business_status IS NULL THEN NULL ELSE s.observed_us END,  -- 8
+        CASE WHEN s.country_code IS NULL THEN NULL ELSE s.observed_us END,  -- 9
+        CASE WHEN s.region IS NULL THEN NULL ELSE s.observed_us END,  -- 10
+        CASE WHEN s.city IS NULL THEN NULL ELSE s.observed_us END,  -- 11
+        CASE WHEN s.district IS NULL THEN NULL ELSE s.observed_us END,  -- 12
+        CASE WHEN s.address IS NULL THEN NULL ELSE s.observed_us END,  -- 13
+        CASE WHEN s.postal_code IS NULL THEN NULL ELSE s.observed_us END,  -- 14
+        CASE WHEN s.latitude IS NULL THEN NULL ELSE s.observed_us END,  -- 15
+        CASE WHEN s.longitude IS NULL THEN NULL ELSE s.observed_us END,  -- 16
+        CASE WHEN s.timezone IS NULL THEN NULL ELSE s.observed_us END,  -- 17
+        CASE WHEN s.plus_code IS NULL THEN NULL ELSE s.observed_us END,  -- 18
+        CASE WHEN s.place_id IS NULL THEN NULL ELSE s.observed_us END,  -- 19
+        CASE WHEN s.google_cid IS NULL THEN NULL ELSE s.observed_us END,  -- 20
+        CASE WHEN s.maps_url IS NULL THEN NULL ELSE s.observed_us END,  -- 21
+        CASE WHEN s.rating IS NULL THEN NULL ELSE s.observed_us END,  -- 22
+        CASE WHEN s.reviews_count IS NULL THEN NULL ELSE s.observed_us END,  -- 23
+        CASE WHEN s.maps_phone IS NULL THEN NULL ELSE s.observed_us END,  -- 24
+        CASE WHEN s.opening_hours IS NULL THEN NULL ELSE s.observed_us END,  -- 25
+        CASE WHEN s.photos_count IS NULL THEN NULL ELSE s.observed_us END,  -- 26
+        CASE WHEN s.is_claimed IS NULL THEN NULL ELSE s.observed_us END,  -- 27
+        CASE WHEN s.emails_validated IS NULL THEN NULL ELSE s.observed_us END,  -- 28
+        CASE WHEN s.primary_email IS NULL THEN NULL ELSE s.observed_us END,  -- 29
+        CASE WHEN s.whatsapp_validated IS NULL THEN NULL ELSE s.observed_us END,  -- 30
+        CASE WHEN s.facebook_url IS NULL THEN NULL ELSE s.observed_us END,  -- 31
+        CASE WHEN s.instagram_url IS NULL THEN NULL ELSE s.observed_us END,  -- 32
+        CASE WHEN s.linkedin_url IS NULL THEN NULL ELSE s.observed_us END,  -- 33
+        CASE WHEN s.twitter_url IS NULL THEN NULL ELSE s.observed_us END,  -- 34
+        CASE WHEN s.youtube_url IS NULL THEN NULL ELSE s.observed_us END,  -- 35
+        CASE WHEN s.tiktok_url IS NULL THEN NULL ELSE s.observed_us END,  -- 36
+        CASE WHEN s.website_title IS NULL THEN NULL ELSE s.observed_us END,  -- 37
+        CASE WHEN s.website_status_code IS NULL THEN NULL ELSE s.observed_us END,  -- 38
+        CASE WHEN s.website_language IS NULL THEN NULL ELSE s.observed_us END,  -- 39
+        CASE WHEN s.contact_page_url IS NULL THEN NULL ELSE s.observed_us END,  -- 40
+        CASE WHEN s.pages_crawled IS NULL THEN NULL ELSE s.observed_us END,  -- 41
+        CASE WHEN s.scrape_status IS NULL THEN NULL ELSE s.observed_us END,  -- 42
+        CASE WHEN s.scrape_error IS NULL THEN NULL ELSE s.observed_us END,  -- 43
+        CASE WHEN s.last_scrape_server IS NULL THEN NULL ELSE s.observed_us END  -- 44
+    ]::bigint[],
+    timestamptz 'epoch' + s.observed_us * interval '1 microsecond',
+    1,
+    now()
+FROM zen_upsert_stage AS s
+WHERE s.round = %(round)s AND s.ord BETWEEN %(lo)s AND %(hi)s
+ORDER BY s.ord
+ON CONFLICT (source_link, partition_key) DO UPDATE SET
+    source_id = zen_pick_v1(c.source_id, c.observed_us[1], EXCLUDED.source_id, EXCLUDED.observed_us[1]),
+    business_name = zen_pick_v1(c.business_name, c.observed_us[2], EXCLUDED.business_name, EXCLUDED.observed_us[2]),
+    business_category = zen_pick_v1(c.business_category, c.observed_us[3], EXCLUDED.business_category, EXCLUDED.observed_us[3]),
+    website = zen_pick_v1(c.website, c.observed_us[4], EXCLUDED.website, EXCLUDED.observed_us[4]),
+    website_domain = zen_pick_v1(c.website_domain, c.observed_us[5], EXCLUDED.website_domain, EXCLUDED.observed_us[5]),
+    description = zen_pick_v1(c.description, c.observed_us[6], EXCLUDED.description, EXCLUDED.observed_us[6]),
+    price_level = zen_pick_v1(c.price_level, c.observed_us[7], EXCLUDED.price_level, EXCLUDED.observed_us[7]),
+    business_status = zen_pick_v1(c.business_status, c.observed_us[8], EXCLUDED.business_status, EXCLUDED.observed_us[8]),
+    country_code = zen_pick_v1(c.country_code, c.observed_us[9], EXCLUDED.country_code, EXCLUDED.observed_us[9]),
+    region = zen_pick_v1(c.region, c.observed_us[10], EXCLUDED.region, EXCLUDED.observed_us[10]),
+    city = zen_pick_v1(c.city, c.observed_us[11], EXCLUDED.city, EXCLUDED.observed_us[11]),
+    district = zen_pick_v1(c.district, c.observed_us[12], EXCLUDED.district, EXCLUDED.observed_us[12]),
+    address = zen_pick_v1(c.address, c.observed_us[13], EXCLUDED.address, EXCLUDED.observed_us[13]),
+    postal_code = zen_pick_v1(c.postal_code, c.observed_us[14], EXCLUDED.postal_code, EXCLUDED.observed_us[14]),
+    latitude = zen_pick_v1(c.latitude, c.observed_us[15], EXCLUDED.latitude, EXCLUDED.observed_us[15]),
+    longitude = zen_pick_v1(c.longitude, c.observed_us[16], EXCLUDED.longitude, EXCLUDED.observed_us[16]),
+    timezone = zen_pick_v1(c.timezone, c.observed_us[17], EXCLUDED.timezone, EXCLUDED.observed_us[17]),
+    plus_code = zen_pick_v1(c.plus_code, c.observed_us[18], EXCLUDED.plus_code, EXCLUDED.observed_us[18]),
+    place_id = zen_pick_v1(c.place_id, c.observed_us[19], EXCLUDED.place_id, EXCLUDED.observed_us[19]),
+    google_cid = zen_pick_v1(c.google_cid, c.observed_us[20], EXCLUDED.google_cid, EXCLUDED.observed_us[20]),
+    maps_url = zen_pick_v1(c.maps_url, c.observed_us[21], EXCLUDED.maps_url, EXCLUDED.observed_us[21]),
+    rating = zen_pick_v1(c.rating, c.observed_us[22], EXCLUDED.rating, EXCLUDED.observed_us[22]),
+    reviews_count = zen_pick_v1(c.reviews_count, c.observed_us[23], EXCLUDED.reviews_count, EXCLUDED.observed_us[23]),
+    maps_phone = zen_pick_v1(c.maps_phone, c.observed_us[24], EXCLUDED.maps_phone, EXCLUDED.observed_us[24]),
+    opening_hours = zen_pick_v1(c.opening_hours, c.observed_us[25], EXCLUDED.opening_hours, EXCLUDED.observed_us[25]),
+    photos_count = zen_pick_v1(c.photos_count, c.observed_us[26], EXCLUDED.photos_count, EXCLUDED.observed_us[26]),
+    is_claimed = zen_pick_v1(c.is_claimed, c.observed_us[27], EXCLUDED.is_claimed, EXCLUDED.observed_us[27]),
+    emails_validated = zen_pick_v1(c.emails_validated, c.observed_us[28], EXCLUDED.emails_validated, EXCLUDED.observed_us[28]),
+    primary_email = zen_pick_v1(c.primary_email, c.observed_us[29], EXCLUDED.primary_email, EXCLUDED.observed_us[29]),
+    whatsapp_validated = zen_pick_v1(c.whatsapp_validated, c.observed_us[30], EXCLUDED.whatsapp_validated, EXCLUDED.observed_us[30]),
+    facebook_url = zen_pick_v1(c.facebook_url, c.observed_us[31], EXCLUDED.facebook_url, EXCLUDED.observed_us[31]),
+    instagram_url = zen_pick_v1(c.instagram_url, c.observed_us[32], EXCLUDED.instagram_url, EXCLUDED.observed_us[32]),
+    linkedin_url = zen_pick_v1(c.linkedin_url, c.observed_us[33], EXCLUDED.linkedin_url, EXCLUDED.observed_us[33]),
+    twitter_url = zen_pick_v1(c.twitter_url, c.observed_us[34], EXCLUDED.twitter_url, EXCLUDED.observed_us[34]),
+    youtube_url = zen_pick_v1(c.youtube_url, c.observed_us[35], EXCLUDED.youtube_url, EXCLUDED.observed_us[35]),
+    tiktok_url = zen_pick_v1(c.tiktok_url, c.observed_us[36], EXCLUDED.tiktok_url, EXCLUDED.observed_us[36]),
+    website_title = zen_pick_v1(c.website_title, c.observed_us[37], EXCLUDED.website_title, EXCLUDED.observed_us[37]),
+    website_status_code = zen_pick_v1(c.website_status_code, c.observed_us[38], EXCLUDED.website_status_code, EXCLUDED.observed_us[38]),
+    website_language = zen_pick_v1(c.website_language, c.observed_us[39], EXCLUDED.website_language, EXCLUDED.observed_us[39]),
+    contact_page_url = zen_pick_v1(c.contact_page_url, c.observed_us[40], EXCLUDED.contact_page_url, EXCLUDED.observed_us[40]),
+    pages_crawled = zen_pick_v1(c.pages_crawled, c.observed_us[41], EXCLUDED.pages_crawled, EXCLUDED.observed_us[41]),
+    scrape_status = zen_pick_v1(c.scrape_status, c.observed_us[42], EXCLUDED.scrape_status, EXCLUDED.observed_us[42]),
+    scrape_error = zen_pick_v1(c.scrape_error, c.observed_us[43], EXCLUDED.scrape_error, EXCLUDED.observed_us[43]),
+    last_scrape_server = zen_pick_v1(c.last_scrape_server, c.observed_us[44], EXCLUDED.last_scrape_server, EXCLUDED.observed_us[44]),
+    emails = zen_array_union_v1(c.emails, EXCLUDED.emails),
+    phones = zen_array_union_v1(c.phones, EXCLUDED.phones),
+    whatsapp = zen_array_union_v1(c.whatsapp, EXCLUDED.whatsapp),
+    observed_us = ARRAY[
+        greatest(c.observed_us[1], EXCLUDED.observed_us[1]),
+        greatest(c.observed_us[2], EXCLUDED.observed_us[2]),
+        greatest(c.observed_us[3], EXCLUDED.observed_us[3]),
+        greatest(c.observed_us[4], EXCLUDED.observed_us[4]),
+        greatest(c.observed_us[5], EXCLUDED.observed_us[5]),
+        greatest(c.observed_us[6], EXCLUDED.observed_us[6]),
+        greatest(c.observed_us[7], EXCLUDED.observed_us[7]),
+        greatest(c.observed_us[8], EXCLUDED.observed_us[8]),
+        greatest(c.observed_us[9], EXCLUDED.observed_us[9]),
+        greatest(c.observed_us[10], EXCLUDED.observed_us[10]),
+        greatest(c.observed_us[11], EXCLUDED.observed_us[11]),
+        greatest(c.observed_us[12], EXCLUDED.observed_us[12]),
+        greatest(c.observed_us[13], EXCLUDED.observed_us[13]),
+        greatest(c.observed_us[14], EXCLUDED.observed_us[14]),
+        greatest(c.observed_us[15], EXCLUDED.observed_us[15]),
+        greatest(c.observed_us[16], EXCLUDED.observed_us[16]),
+        greatest(c.observed_us[17], EXCLUDED.observed_us[17]),
+        greatest(c.observed_us[18], EXCLUDED.observed_us[18]),
+        greatest(c.observed_us[19], EXCLUDED.observed_us[19]),
+        greatest(c.observed_us[20], EXCLUDED.observed_us[20]),
+        greatest(c.observed_us[21], EXCLUDED.observed_us[21]),
+        greatest(c.observed_us[22], EXCLUDED.observed_us[22]),
+        greatest(c.observed_us[23], EXCLUDED.observed_us[23]),
+        greatest(c.observed_us[24], EXCLUDED.observed_us[24]),
+        greatest(c.observed_us[25], EXCLUDED.observed_us[25]),
+        greatest(c.observed_us[26], EXCLUDED.observed_us[26]),
+        greatest(c.observed_us[27], EXCLUDED.observed_us[27]),
+        greatest(c.observed_us[28], EXCLUDED.observed_us[28]),
+        greatest(c.observed_us[29], EXCLUDED.observed_us[29]),
+        greatest(c.observed_us[30], EXCLUDED.observed_us[30]),
+        greatest(c.observed_us[31], EXCLUDED.observed_us[31]),
+        greatest(c.observed_us[32], EXCLUDED.observed_us[32]),
+        greatest(c.observed_us[33], EXCLUDED.observed_us[33]),
+        greatest(c.observed_us[34], EXCLUDED.observed_us[34]),
+        greatest(c.observed_us[35], EXCLUDED.observed_us[35]),
+        greatest(c.observed_us[36], EXCLUDED.observed_us[36]),
+        greatest(c.observed_us[37], EXCLUDED.observed_us[37]),
+        greatest(c.observed_us[38], EXCLUDED.observed_us[38]),
+        greatest(c.observed_us[39], EXCLUDED.observed_us[39]),
+        greatest(c.observed_us[40], EXCLUDED.observed_us[40]),
+        greatest(c.observed_us[41], EXCLUDED.observed_us[41]),
+        greatest(c.observed_us[42], EXCLUDED.observed_us[42]),
+        greatest(c.observed_us[43], EXCLUDED.observed_us[43]),
+        greatest(c.observed_us[44], EXCLUDED.observed_us[44])
+    ]::bigint[],
+    observed_at = greatest(c.observed_at, EXCLUDED.observed_at),
+    scrape_count = c.scrape_count + 1,
+    updated_at = EXCLUDED.updated_at;
+
+-- name: copy_rejects
+-- One COPY for every reject of a batch, in the batch's transaction.
+COPY zen_rejects (server_id, row_index, source_link, field, reason, detail, problems,
+                  payload, payload_is_repr)
+FROM STDIN (FORMAT BINARY);
+
+-- name: batch_done
+-- Only on a retry of upsert_and_complete: when the previous attempt lost its connection
+-- during COMMIT, the commit may have landed. The claim's rows done under this batch's
+-- tokens prove it did (tokens are unique per claim), and the retry must then not write
+-- again (scrape_count would count the batch twice). Primary-key lookups, one statement.
+SELECT count(*)
+FROM results AS r
+JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS b (id, token)
+  ON r.id = b.id AND r.claim_token = b.token
+WHERE r.status = 'done';
