@@ -40,8 +40,6 @@ logger = logging.getLogger("zenpipe.claim")
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
-_SAVEPOINT = "zen_claim"
-
 
 def claim_lock_key(row_id: int) -> int:
     """The int4 second key of a row's claim lock: SQL ``zen_claim_key_v1(id)``.
@@ -187,49 +185,56 @@ class Claimer:
         if n < 1:
             raise ValueError("limit must be at least 1")
         if conn is not None:
-            with _savepoint(conn):
-                return self._claim_attempts(conn, n, savepoint=True)
+            _check_open(conn)
+            return self._claim_attempts(conn, n, savepoint=True)
         return self._retrying(lambda c: self._claim_own(c, n))
 
     def _claim_own(self, conn: Conn, n: int) -> Batch:
-        with conn.transaction():
-            return self._claim_attempts(conn, n, savepoint=False)
+        # Its own transaction, managed by hand: a race is undone with a plain ROLLBACK
+        # (no savepoint round trips), a success committed at once.
+        try:
+            batch = self._claim_attempts(conn, n, savepoint=False)
+            conn.commit()
+        except BaseException:
+            if not conn.closed:
+                conn.rollback()
+            raise
+        return batch
 
     def _claim_attempts(self, conn: Conn, n: int, *, savepoint: bool) -> Batch:
-        params = {
-            "scan": n * self.scan_factor,
-            "batch": n,
-            "namespace": NAMESPACE_CLAIM,
-            "owner": self.owner,
-            "lease": self.lease_seconds,
-        }
+        lock_params = {"scan": n * self.scan_factor, "batch": n, "namespace": NAMESPACE_CLAIM}
+        q = self._queries
         for _ in range(self.retries + 5):
             if savepoint:
-                conn.execute(f"SAVEPOINT {_SAVEPOINT}_try")
-            rows = conn.execute(self._queries["claim"], params).fetchall()
-            locked = int(rows[0][0])
-            claimed = [r for r in rows if r[1] is not None]
-            if locked == len(claimed):
+                conn.execute(q["savepoint"])
+            locked = [r[0] for r in conn.execute(q["claim_lock"], lock_params)]
+            claimed: list[tuple[Any, ...]] = []
+            if locked:
+                take = {"ids": locked, "owner": self.owner, "lease": self.lease_seconds}
+                claimed = conn.execute(q["claim_take"], take).fetchall()
+            if len(locked) == len(claimed):
                 if savepoint:
-                    conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}_try")
+                    conn.execute(q["release"])
                 return self._batch(claimed)
             # A locked row was claimed (or settled) by a transaction that committed after
-            # this statement's snapshot: drop every lock taken and look again.
+            # the lock statement's snapshot: drop every lock taken and look again.
             self.race_rollbacks += 1
-            logger.debug("claim locked %d rows but claimed %d: retrying", locked, len(claimed))
+            logger.debug("claim locked %d rows but took %d: retrying", len(locked), len(claimed))
             if savepoint:
-                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}_try")
-                conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}_try")
+                conn.execute(q["rollback_to"])
+                conn.execute(q["release"])
             else:
                 conn.rollback()
         logger.warning("claim kept racing with other claimers; returning an empty batch")
         return self._batch([])
 
     def _batch(self, rows: Sequence[tuple[Any, ...]]) -> Batch:
-        # rows: (locked, id, token, attempts, link, data, priority, lease_until)
-        ordered = sorted(rows, key=lambda r: (-r[6], r[1]))
-        claims = tuple(Claim(id=r[1], token=r[2], attempt=r[3], link=r[4], data=r[5]) for r in ordered)
-        lease = ordered[0][7] if ordered else datetime.now(UTC)
+        # rows: (id, token, attempts, link, data, priority, lease_until)
+        ordered = sorted(rows, key=lambda r: (-r[5], r[0]))
+        claims = tuple(
+            Claim(id=r[0], token=r[1], attempt=r[2], link=r[3], data=r[4]) for r in ordered
+        )
+        lease = ordered[0][6] if ordered else datetime.now(UTC)
         return Batch(owner=self.owner, claims=claims, lease_until=lease)
 
     # -- settle -----------------------------------------------------------------------
@@ -247,11 +252,11 @@ class Claimer:
         secs = self.lease_seconds if seconds is None else float(seconds)
         if secs <= 0:
             raise ValueError("seconds must be positive")
-        params = {**_pairs(batch.claims), "lease": secs}
+        groups = [{**g, "lease": secs} for g in _by_token(batch.claims)]
 
         def run(conn: Conn) -> None:
-            with conn.transaction(), _savepoint(conn):
-                rows = conn.execute(self._queries["extend"], params).fetchall()
+            with conn.transaction():
+                rows = [r for g in groups for r in conn.execute(self._queries["extend"], g)]
                 _check_all(batch.claims, rows, "extend")
 
         self._retrying(run)
@@ -297,25 +302,45 @@ class Claimer:
     ) -> None:
         if not claims:
             return
-        params = {**_pairs(claims), **extra}
+        groups = [{**g, **extra} for g in _by_token(claims)]
         query = self._queries[operation]
 
-        def run(c: Conn) -> None:
-            with _savepoint(c):
-                rows = c.execute(query, params).fetchall()
-                _check_all(claims, rows, operation)
-
         if conn is not None:
-            run(conn)
+            with self._savepoint(conn):
+                rows = [r for g in groups for r in conn.execute(query, g)]
+                _check_all(claims, rows, operation)
             return
 
         def own(c: Conn) -> None:
             with c.transaction():
-                run(c)
+                rows = [r for g in groups for r in c.execute(query, g)]
+                _check_all(claims, rows, operation)
 
         self._retrying(own)
 
     # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _savepoint(self, conn: Conn) -> Iterator[None]:
+        """Run the block in a savepoint of *conn*'s transaction; undo only it on error.
+
+        Opens the transaction when *conn* is idle and not autocommit (psycopg's implicit
+        transaction, left for the caller to commit).
+        """
+        _check_open(conn)
+        q = self._queries
+        conn.execute(q["savepoint"])
+        try:
+            yield
+        except BaseException:
+            if not conn.closed:
+                try:
+                    conn.execute(q["rollback_to"])
+                    conn.execute(q["release"])
+                except psycopg.Error:
+                    pass  # the transaction is lost anyway; the caller sees the first error
+            raise
+        conn.execute(q["release"])
 
     def _retrying(self, fn: Callable[[Conn], T]) -> T:
         for attempt in Retrying(
@@ -329,10 +354,15 @@ class Claimer:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _pairs(claims: Sequence[Claim]) -> dict[str, list[int]]:
-    # Sorted by id: concurrent statements touching the same rows lock them in one order.
-    ordered = sorted(claims, key=lambda c: c.id)
-    return {"ids": [c.id for c in ordered], "tokens": [c.token for c in ordered]}
+def _by_token(claims: Sequence[Claim]) -> list[dict[str, Any]]:
+    """Parameters of one statement per fencing token (a batch has one token).
+
+    Ids sorted: concurrent statements touching the same rows lock them in one order.
+    """
+    groups: dict[int, list[int]] = {}
+    for c in claims:
+        groups.setdefault(c.token, []).append(c.id)
+    return [{"token": t, "ids": sorted(ids)} for t, ids in sorted(groups.items())]
 
 
 def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operation: str) -> None:
@@ -342,30 +372,12 @@ def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operati
         raise StaleClaimError(operation, stale)
 
 
-@contextmanager
-def _savepoint(conn: Conn) -> Iterator[None]:
-    """Run the block inside a savepoint of *conn*'s transaction; undo it on error.
-
-    Opens the transaction when *conn* is idle and not autocommit (psycopg's implicit
-    transaction, left for the caller to commit).
-    """
+def _check_open(conn: Conn) -> None:
     status = conn.info.transaction_status
     if status == pq.TransactionStatus.INERROR:
         raise psycopg.errors.InFailedSqlTransaction("the caller's transaction has failed")
     if status == pq.TransactionStatus.IDLE and conn.autocommit:
         raise ValueError("conn is in autocommit mode with no transaction open")
-    conn.execute(f"SAVEPOINT {_SAVEPOINT}")
-    try:
-        yield
-    except BaseException:
-        if conn.info.transaction_status == pq.TransactionStatus.INERROR or not conn.closed:
-            try:
-                conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-                conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
-            except psycopg.OperationalError:
-                pass  # the connection is gone, and the transaction with it
-        raise
-    conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
 
 
 def requeue(

@@ -1,0 +1,514 @@
+"""The claimer (zenpipe.claim) on a real server: claims, locks, leases, fencing, poison rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from zenpipe import cli
+from zenpipe.claim import Batch, Claimer, claim_lock_key, requeue
+from zenpipe.errors import StaleClaimError
+from zenpipe.locks import NAMESPACE_CLAIM
+from zenpipe.queries import load
+
+Conn = psycopg.Connection[Any]
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def fill(dsn: str, n: int, *, priority: int = 0) -> list[int]:
+    """Insert *n* pending rows; return their ids in insertion order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "INSERT INTO results (link, data, priority) "
+            "SELECT 'https://maps.example.com/' || g, jsonb_build_object('n', g), %s "
+            "FROM generate_series(1, %s) AS g RETURNING id",
+            (priority, n),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def claim_locks(conn: Conn, pid: int | None = None) -> int:
+    """zenpipe claim locks held (by *pid*, or by anyone), read from pg_locks."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+        "AND objsubid = 2 AND (%s::int IS NULL OR pid = %s::int)",
+        (NAMESPACE_CLAIM, pid, pid),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def assert_no_leaks(dsn: str) -> None:
+    """No zenpipe advisory lock held and no idle-in-transaction session on the database."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert claim_locks(conn) == 0
+        idle = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND state LIKE 'idle in transaction%%'"
+        ).fetchone()
+        assert idle is not None and idle[0] == 0
+
+
+def statuses(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute("SELECT status, count(*) FROM results GROUP BY status").fetchall())
+
+
+def row(dsn: str, rid: int) -> dict[str, Any]:
+    with psycopg.connect(dsn) as conn:
+        cur = conn.execute("SELECT * FROM results WHERE id = %s", (rid,))
+        assert cur.description is not None
+        values = cur.fetchone()
+        assert values is not None
+        return dict(zip([d.name for d in cur.description], values, strict=True))
+
+
+@pytest.fixture
+def claimer(dsn: str) -> Iterator[Claimer]:
+    with Claimer(dsn, owner="test-1", batch_size=10) as c:
+        yield c
+    assert_no_leaks(dsn)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rid", [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**62 + 2**31 + 7, 2**63 - 1]
+)
+def test_claim_lock_key_matches_sql(postgresql: Conn, rid: int) -> None:
+    got = postgresql.execute("SELECT zen_claim_key_v1(%s::bigint)", (rid,)).fetchone()
+    assert got is not None and got[0] == claim_lock_key(rid)
+    assert -(2**31) <= claim_lock_key(rid) < 2**31
+
+
+# -- claim --------------------------------------------------------------------------------
+
+
+def test_claim_takes_rows_in_priority_then_age_order(dsn: str, claimer: Claimer) -> None:
+    low = fill(dsn, 5)
+    high = fill(dsn, 5, priority=10)
+    batch = claimer.claim(limit=7)
+    assert [c.id for c in batch.claims] == high + low[:2]
+    assert all(c.attempt == 1 for c in batch.claims)
+    assert len({c.token for c in batch.claims}) == 1
+    assert batch.claims[0].data == {"n": 1}
+    assert batch.claims[0].link == "https://maps.example.com/1"
+    r = row(dsn, high[0])
+    assert r["status"] == "claimed" and r["claim_owner"] == "test-1"
+    assert r["claim_token"] == batch.claims[0].token and r["lease_until"] == batch.lease_until
+    # The rest, then nothing.
+    assert claimer.claim().ids == low[2:]
+    empty = claimer.claim()
+    assert not empty and empty.claims == ()
+
+
+def test_each_claim_gets_a_new_token(dsn: str, claimer: Claimer) -> None:
+    fill(dsn, 4)
+    a, b = claimer.claim(limit=2), claimer.claim(limit=2)
+    assert a.claims[0].token < b.claims[0].token
+
+
+def test_claim_inside_caller_transaction_commits_nothing(dsn: str, claimer: Claimer) -> None:
+    fill(dsn, 3)
+    with psycopg.connect(dsn) as conn:
+        batch = claimer.claim(conn=conn)
+        assert len(batch) == 3
+        conn.rollback()
+    assert statuses(dsn) == {"pending": 3}
+
+
+def _hold_claim(dsn: str, claimer: Claimer, limit: int) -> tuple[Conn, Batch, int]:
+    conn = psycopg.connect(dsn)
+    batch = claimer.claim(limit, conn=conn)
+    pid = conn.info.backend_pid
+    return conn, batch, pid
+
+
+@pytest.mark.parametrize("index", ["with_index", "without_index"])
+def test_claim_never_holds_more_locks_than_rows(dsn: str, index: str) -> None:
+    """Two claims open at once (the second skips the first's rows): each transaction holds
+    exactly as many claim locks as rows it returned, with and without the claim indexes."""
+    fill(dsn, 500)
+    if index == "without_index":
+        with psycopg.connect(dsn) as conn:
+            conn.execute("DROP INDEX results_pending_idx, results_lease_idx")
+    with (
+        Claimer(dsn, owner="a", batch_size=50) as a,
+        Claimer(dsn, owner="b", batch_size=50) as b,
+        psycopg.connect(dsn, autocommit=True) as monitor,
+    ):
+        conn_a, batch_a, pid_a = _hold_claim(dsn, a, 50)
+        conn_b, batch_b, pid_b = _hold_claim(dsn, b, 50)
+        try:
+            assert len(batch_a) == 50 and len(batch_b) == 50
+            assert not set(batch_a.ids) & set(batch_b.ids)
+            assert claim_locks(monitor, pid_a) == 50
+            assert claim_locks(monitor, pid_b) == 50
+            # A third claim scans 4 x 40 candidates: it skips the 100 rows the open
+            # claims hold (failed tries hold nothing) and locks 40 of the other 60.
+            conn_c, batch_c, pid_c = _hold_claim(dsn, a, 40)
+            assert claim_locks(monitor, pid_c) == len(batch_c) == 40
+            assert not set(batch_c.ids) & (set(batch_a.ids) | set(batch_b.ids))
+            # A fourth scans 4 x 10 candidates, all held by open claims: nothing, no lock.
+            conn_d, batch_d, pid_d = _hold_claim(dsn, b, 10)
+            assert claim_locks(monitor, pid_d) == len(batch_d) == 0
+            for c in (conn_c, conn_d):
+                c.commit()
+                c.close()
+        finally:
+            conn_a.commit()
+            conn_b.commit()
+            conn_a.close()
+            conn_b.close()
+    assert statuses(dsn) == {"claimed": 140, "pending": 360}
+    assert_no_leaks(dsn)
+
+
+def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> None:
+    """The snapshot race: rows that look pending to the claim statement are claimed by a
+    transaction that commits after the statement's snapshot. The statement locks them,
+    its re-check skips them, and the claimer rolls back to its savepoint (releasing those
+    locks) and claims again, so it still holds exactly one lock per row returned."""
+    ids = fill(dsn, 30)
+    other = psycopg.connect(dsn)
+    # Another worker takes rows 1..10 but has not committed yet (no advisory lock: the
+    # same thing happens when its claim commits between our snapshot and our locks).
+    other.execute(
+        "UPDATE results SET status = 'claimed', claim_owner = 'other', claim_token = -1, "
+        "lease_until = now() + interval '1 hour' WHERE id = ANY(%s)",
+        (ids[:10],),
+    )
+    result: dict[str, Any] = {}
+    with Claimer(dsn, owner="racer", batch_size=15) as racer:
+        conn = psycopg.connect(dsn)
+        racer_pid = conn.info.backend_pid
+
+        def run() -> None:
+            try:
+                result["batch"] = racer.claim(conn=conn)
+            except BaseException as e:  # pragma: no cover - reported below
+                result["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        with psycopg.connect(dsn, autocommit=True) as monitor:
+            # Wait until the claim statement blocks on the other worker's row lock...
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                w = monitor.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (racer_pid,)
+                ).fetchone()
+                if w is not None and w[0] == "Lock":
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the claim never waited for the other transaction")
+            # ...then let the other worker commit: our statement's re-check now fails.
+            other.commit()
+            t.join(30)
+            assert "error" not in result
+            batch: Batch = result["batch"]
+            assert racer.race_rollbacks >= 1
+            assert batch.ids == ids[10:25]
+            assert claim_locks(monitor, racer_pid) == len(batch) == 15
+        conn.commit()
+        conn.close()
+    other.close()
+    assert_no_leaks(dsn)
+
+
+def _plan(dsn: str, drop_indexes: bool) -> dict[str, Any]:
+    fill(dsn, 5000)
+    with psycopg.connect(dsn) as conn:
+        if drop_indexes:
+            conn.execute("DROP INDEX results_pending_idx, results_lease_idx")
+        conn.execute("ANALYZE results")
+        stmt = psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + load("claim")["claim_lock"]
+        params = {"scan": 40, "batch": 10, "namespace": NAMESPACE_CLAIM}
+        got = conn.execute(stmt, params).fetchone()
+        conn.rollback()
+    assert got is not None
+    plan = got[0] if isinstance(got[0], list) else json.loads(got[0])
+    return dict(plan[0]["Plan"])
+
+
+def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child)
+
+
+@pytest.mark.parametrize("drop_indexes", [False, True])
+def test_claim_plan_locks_only_inside_the_fenced_cte(dsn: str, drop_indexes: bool) -> None:
+    """EXPLAIN ANALYZE pins the shape: the lock function runs in exactly one node, a CTE
+    Scan over the materialized, LIMITed candidates, right under the batch LIMIT, and was
+    called no more often than there are candidates; the candidate scan uses
+    results_pending_idx (or, without it, a top-N sort)."""
+    plan = _plan(dsn, drop_indexes)
+    nodes = list(_nodes(plan))
+    lockers = [n for n in nodes if "pg_try_advisory_xact_lock" in n.get("Filter", "")]
+    assert len(lockers) == 1
+    locker = lockers[0]
+    assert locker["Node Type"] == "CTE Scan" and locker["CTE Name"] == "candidates"
+    assert locker["Actual Rows"] == 10  # stopped by the LIMIT at the batch size
+    assert locker.get("Rows Removed by Filter", 0) == 0
+    limits = [n for n in nodes if n["Node Type"] == "Limit" and locker in n.get("Plans", [])]
+    assert len(limits) == 1 and limits[0].get("Subplan Name") == "CTE locked"
+    # No other node anywhere mentions the lock function (no plan reaches it unfenced).
+    text = json.dumps([{k: v for k, v in n.items() if k != "Plans"} for n in nodes])
+    assert text.count("pg_try_advisory_xact_lock") == 1
+    candidates = next(n for n in nodes if n.get("Subplan Name") == "CTE candidates")
+    assert candidates["Node Type"] == "Limit"
+    scans = {n.get("Index Name") or n["Node Type"] for n in _nodes(candidates)}
+    if drop_indexes:
+        assert "Seq Scan" in scans and "results_pending_idx" not in scans
+    else:
+        assert {"results_pending_idx", "results_lease_idx"} <= scans
+        assert "Seq Scan" not in scans
+
+
+# -- leases -------------------------------------------------------------------------------
+
+
+def test_expired_lease_is_claimable_again_with_a_new_token(dsn: str) -> None:
+    ids = fill(dsn, 3)
+    with (
+        Claimer(dsn, owner="dead", lease_seconds=0.3) as dead,
+        Claimer(dsn, owner="alive") as alive,
+    ):
+        first = dead.claim()
+        assert alive.claim().claims == ()  # leased
+        time.sleep(0.5)
+        second = alive.claim()
+        assert second.ids == ids
+        assert all(c.attempt == 2 for c in second.claims)
+        assert second.claims[0].token > first.claims[0].token
+        alive.complete(second)
+    assert statuses(dsn) == {"done": 3}
+    assert_no_leaks(dsn)
+
+
+def test_extend_pushes_the_lease_in_one_statement(dsn: str, claimer: Claimer) -> None:
+    ids = fill(dsn, 5)
+    batch = claimer.claim()
+    claimer.extend(batch, seconds=3600)
+    r = row(dsn, ids[0])
+    assert (r["lease_until"] - batch.lease_until).total_seconds() > 3000
+    with psycopg.connect(dsn) as conn:
+        leases = conn.execute("SELECT DISTINCT lease_until FROM results").fetchall()
+    assert len(leases) == 1  # every row of the batch moved together
+
+
+def test_complete_retried_after_success_is_idempotent(dsn: str, claimer: Claimer) -> None:
+    fill(dsn, 3)
+    batch = claimer.claim()
+    claimer.complete(batch)
+    claimer.complete(batch)  # what a retry after a lost COMMIT acknowledgement does
+    assert statuses(dsn) == {"done": 3}
+
+
+# -- fencing ------------------------------------------------------------------------------
+
+
+def test_stale_token_is_refused_and_nothing_is_applied(dsn: str) -> None:
+    ids = fill(dsn, 4)
+    with (
+        Claimer(dsn, owner="slow", lease_seconds=0.3, batch_size=4) as slow,
+        Claimer(dsn, owner="fast", batch_size=2) as fast,
+    ):
+        stale = slow.claim()
+        time.sleep(0.5)
+        taken = fast.claim()  # takes ids[0:2] over; ids[2:4] are still slow's token
+        assert taken.ids == ids[:2]
+        for op in (slow.complete, slow.extend, lambda b: slow.fail(b, "boom")):
+            with pytest.raises(StaleClaimError) as info:
+                op(stale)
+            assert info.value.ids == ids[:2]
+        # Nothing of slow's calls applied, even on the rows its token still matches.
+        for rid in ids[2:]:
+            r = row(dsn, rid)
+            assert r["status"] == "claimed" and r["claim_owner"] == "slow"
+            assert r["lease_until"] == stale.lease_until and r["last_error"] is None
+        for rid in ids[:2]:
+            r = row(dsn, rid)
+            assert r["status"] == "claimed" and r["claim_owner"] == "fast"
+        fast.complete(taken)
+    assert_no_leaks(dsn)
+
+
+def test_stale_complete_inside_caller_transaction_keeps_it_usable(dsn: str) -> None:
+    ids = fill(dsn, 2)
+    with (
+        Claimer(dsn, owner="slow", lease_seconds=0.2) as slow,
+        Claimer(dsn, owner="fast") as fast,
+    ):
+        stale = slow.claim()
+        time.sleep(0.4)
+        fast.claim(limit=1)
+        with psycopg.connect(dsn) as conn:
+            conn.execute("CREATE TEMP TABLE marks (id bigint) ON COMMIT DROP")
+            conn.execute("INSERT INTO marks VALUES (1)")
+            with pytest.raises(StaleClaimError):
+                slow.complete(stale, conn=conn)
+            # Only the complete was undone; the caller's own work is still there.
+            got = conn.execute("SELECT count(*) FROM marks").fetchone()
+            assert got == (1,)
+            conn.rollback()
+    assert row(dsn, ids[1])["status"] == "claimed"
+
+
+# -- exactly-once effect ------------------------------------------------------------------
+
+
+def test_complete_commits_with_the_callers_writes(dsn: str, claimer: Claimer) -> None:
+    fill(dsn, 5)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+        conn.commit()
+        batch = claimer.claim()
+        with conn.transaction():
+            conn.execute("INSERT INTO effects SELECT unnest(%s::bigint[])", (batch.ids,))
+            claimer.complete(batch, conn=conn)
+        n = conn.execute("SELECT count(*) FROM effects").fetchone()
+        assert n == (5,)
+    assert statuses(dsn) == {"done": 5}
+
+
+def test_rolled_back_completion_leaves_rows_claimable(dsn: str) -> None:
+    ids = fill(dsn, 5)
+    with Claimer(dsn, owner="w", lease_seconds=0.3) as w:
+        batch = w.claim()
+        with psycopg.connect(dsn) as conn:
+            conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+            conn.commit()
+            with pytest.raises(RuntimeError), conn.transaction():
+                conn.execute("INSERT INTO effects SELECT unnest(%s::bigint[])", (batch.ids,))
+                w.complete(batch, conn=conn)
+                raise RuntimeError("upsert failed after the complete")
+            assert conn.execute("SELECT count(*) FROM effects").fetchone() == (0,)
+        assert statuses(dsn) == {"claimed": 5}
+        time.sleep(0.5)
+        again = w.claim()
+        assert again.ids == ids
+        w.complete(again)
+    assert statuses(dsn) == {"done": 5}
+    assert_no_leaks(dsn)
+
+
+def test_complete_in_an_autocommit_connection_is_refused(dsn: str, claimer: Claimer) -> None:
+    fill(dsn, 1)
+    batch = claimer.claim()
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(ValueError):
+        claimer.complete(batch, conn=conn)
+    assert statuses(dsn) == {"claimed": 1}
+
+
+# -- poison rows --------------------------------------------------------------------------
+
+
+def test_poison_row_is_parked_after_max_attempts_until_requeued(dsn: str) -> None:
+    (poison,) = fill(dsn, 1)
+    with Claimer(dsn, owner="w", max_attempts=3) as w:
+        for attempt in (1, 2, 3):
+            batch = w.claim()
+            assert batch.ids == [poison] and batch.claims[0].attempt == attempt
+            w.fail(batch, f"boom {attempt}")
+            r = row(dsn, poison)
+            assert r["last_error"] == f"boom {attempt}" and r["attempts"] == attempt
+        assert row(dsn, poison)["status"] == "failed"
+        assert w.claim().claims == ()  # never claimed again...
+        assert requeue(dsn) == 1  # ...until requeued
+        batch = w.claim()
+        assert batch.ids == [poison] and batch.claims[0].attempt == 1
+        w.complete(batch)
+    assert requeue(dsn) == 0
+    assert_no_leaks(dsn)
+
+
+def test_fail_of_some_claims_releases_only_those(dsn: str, claimer: Claimer) -> None:
+    ids = fill(dsn, 4)
+    batch = claimer.claim()
+    claimer.fail(batch.claims[:1], "bad page")
+    claimer.complete(Batch(batch.owner, batch.claims[1:], batch.lease_until))
+    assert row(dsn, ids[0])["status"] == "pending"
+    assert statuses(dsn) == {"pending": 1, "done": 3}
+
+
+def test_requeue_any_status_fences_the_live_claim(dsn: str, claimer: Claimer) -> None:
+    ids = fill(dsn, 3)
+    batch = claimer.claim()
+    assert requeue(dsn, ids[:1]) == 0  # claimed, not failed
+    assert requeue(dsn, ids[:1], failed_only=False) == 1
+    with pytest.raises(StaleClaimError):
+        claimer.complete(batch)
+    assert statuses(dsn) == {"pending": 1, "claimed": 2}
+
+
+def test_requeue_cli(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = fill(dsn, 3)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE results SET status = 'failed', attempts = 5 WHERE id <> %s", (ids[0],))
+    assert cli.main(["requeue", "--dsn", dsn, "--id", str(ids[1])]) == 0
+    assert "requeued 1 row" in capsys.readouterr().out
+    assert cli.main(["requeue", "--dsn", dsn]) == 0
+    assert statuses(dsn) == {"pending": 3}
+    # As a real command, too.
+    out = subprocess.run(
+        [sys.executable, "-m", "zenpipe", "requeue", "--dsn", dsn, "--all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "requeued 0 rows" in out.stdout
+
+
+# -- PgBouncer ----------------------------------------------------------------------------
+
+
+@pytest.mark.pgbouncer
+def test_claims_through_pgbouncer_in_transaction_mode(dsn: str, pgbouncer_dsn: str) -> None:
+    ids = fill(dsn, 60)
+    with (
+        Claimer(pgbouncer_dsn, owner="pb-1", batch_size=20, pool_size=2, max_attempts=1) as a,
+        Claimer(pgbouncer_dsn, owner="pb-2", batch_size=20, pool_size=2) as b,
+    ):
+        seen: list[int] = []
+        for _ in range(3):
+            for c in (a, b):
+                batch = c.claim()
+                if batch:
+                    c.extend(batch)
+                    with psycopg.connect(pgbouncer_dsn, prepare_threshold=None) as conn:
+                        c.complete(batch, conn=conn)
+                    seen += batch.ids
+        assert sorted(seen) == ids
+        (poison,) = fill(dsn, 1)
+        batch = a.claim()
+        a.fail(batch, "through the bouncer")
+        assert row(dsn, poison)["status"] == "failed"
+        assert requeue(pgbouncer_dsn, [poison]) == 1
+    assert statuses(dsn) == {"done": 60, "pending": 1}
+    assert_no_leaks(dsn)
+
+
+def test_jsonb_data_round_trips(dsn: str, claimer: Claimer) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO results (link, data) VALUES (NULL, %s)",
+            (Jsonb({"name": "Café ☕", "tags": [1, 2], "nested": {"a": None}}),),
+        )
+    (c,) = claimer.claim().claims
+    assert c.link is None and c.data == {"name": "Café ☕", "tags": [1, 2], "nested": {"a": None}}
+    claimer.complete(Batch(claimer.owner, (c,), claimer.claim().lease_until))
