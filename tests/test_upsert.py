@@ -409,16 +409,21 @@ def test_terminated_backend_mid_write_is_retried_and_lands_once(
     assert one(postgresql, "SELECT count(*) FROM zen_contacts") == 2
 
 
+@pytest.mark.parametrize(("chunk_rows", "parallel"), [(1000, 1), (37, 1), (37, 2)])
 def test_opposite_input_orders_never_deadlock(
-    dsn: str, postgresql: psycopg.Connection[Any]
+    dsn: str, postgresql: psycopg.Connection[Any], chunk_rows: int, parallel: int
 ) -> None:
+    # Chunks are cut from the globally sorted batch and written in order, and partition
+    # groups are disjoint: locks are still taken in one global order.
     links = [f"https://dl/{i}" for i in range(400)]
     errors: list[BaseException] = []
     retries: list[int] = []
 
     def writer(order: list[str], server: str) -> None:
         try:
-            with Upserter(dsn, server_id=server, max_retries=0) as up:
+            with Upserter(
+                dsn, server_id=server, max_retries=0, chunk_rows=chunk_rows, parallel=parallel
+            ) as up:
                 for _ in range(5):
                     retries.append(up.upsert([{"source_link": x} for x in order]).retries)
         except BaseException as e:  # pragma: no cover - the failure being tested
@@ -438,6 +443,63 @@ def test_opposite_input_orders_never_deadlock(
         15,
         15,
     )
+
+
+def _mixed_batch(version: int) -> list[dict[str, Any]]:
+    rnd = random.Random(version)
+    recs: list[dict[str, Any]] = []
+    for i in range(400):
+        link = f"https://par/{rnd.randrange(300)}"  # about a quarter repeat in the batch
+        recs.append(
+            {
+                "source_link": link,
+                "observed_at": T0 + timedelta(minutes=rnd.randrange(4)),
+                "business_name": rnd.choice([None, "a", "b", f"n{i}"]),
+                "rating": rnd.choice([None, 1.5, 4.5]),
+                "opening_hours": rnd.choice([None, {"a": 1}, {"b": 2}]),
+                "emails": [f"{rnd.randrange(5)}@{i % 7}.example"],
+                "phones": [f"+62 811 {rnd.randrange(3)}00"],
+            }
+        )
+    recs[13]["country_code"] = "IDN"  # rejected by validation
+    recs[77]["source_link"] = ""  # rejected before routing
+    recs[140]["city"] = "a\x00b"
+    return recs
+
+
+def test_chunked_and_parallel_writes_give_the_same_table(
+    dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    tables = []
+    summaries = []
+    for chunk_rows, parallel in [(1000, 1), (7, 1), (7, 3), (1000, 2)]:
+        postgresql.execute("TRUNCATE zen_contacts, zen_rejects")
+        postgresql.commit()
+        with Upserter(dsn, server_id="s", chunk_rows=chunk_rows, parallel=parallel) as up:
+            reports = [up.upsert(_mixed_batch(v)) for v in range(3)]
+        assert [r.transactions for r in reports] == [parallel] * 3
+        summaries.append(
+            [(r.written, r.merged_in_batch, r.rejected, sorted(r.reasons.items())) for r in reports]
+        )
+        rejects = postgresql.execute(
+            "SELECT row_index, field, reason FROM zen_rejects ORDER BY 1, 2, 3"
+        ).fetchall()
+        tables.append((snapshot(postgresql), rejects))
+    assert all(s == summaries[0] for s in summaries)
+    assert all(t == tables[0] for t in tables)
+    assert summaries[0][0][1] > 50 and summaries[0][0][2] == 3  # repeats and rejects seen
+    assert len(tables[0][1]) == 9
+
+
+def test_python_work_is_done_once_and_reported(dsn: str) -> None:
+    with Upserter(dsn, server_id="s", chunk_rows=50) as up:
+        prepared = up._prepare(_mixed_batch(0))
+        first = [id(c) for c in prepared.chunks()]
+        assert len(first) == 8 and [id(c) for c in prepared.chunks()] == first  # memoized
+        report = up.upsert(_mixed_batch(1))
+    assert report.prepare_seconds > 0
+    # create, then per 50-row chunk a COPY and a merge per round, drop, rejects
+    assert report.statements >= 1 + 2 * 8 + 2
 
 
 # -- order independence (hypothesis) ---------------------------------------------------

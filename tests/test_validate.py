@@ -226,3 +226,16 @@ def test_normalized_json_always_encodes_and_round_trips(v: Any) -> None:
 def test_validation_never_raises(fields: dict[str, Any]) -> None:
     got = check({"source_link": "l", **fields})
     assert isinstance(got, Contact | list)
+
+
+@given(st.text(alphabet="0123456789 +-().x\t\n\x00/", max_size=25) | st.text(max_size=8))
+def test_phone_fast_path_agrees_with_the_checked_path(s: str) -> None:
+    from zenpipe.validate import _Bad, _phone, _phone_checked
+
+    def outcome(f: Any) -> Any:
+        try:
+            return f(s)
+        except _Bad as e:
+            return (e.reason, e.detail)
+
+    assert outcome(_phone) == outcome(_phone_checked)

@@ -1,11 +1,12 @@
 """The writer: batches of enriched contact records merged into ``zen_contacts``.
 
-One call to `Upserter.upsert` validates every record in Python (`zenpipe.validate`),
-computes each link's partition key (`zenpipe.keys`), sorts the batch by (partition, key,
-link), COPYs it in binary into a transaction-scoped staging table and merges it with one
-``INSERT ... SELECT ... ON CONFLICT DO UPDATE``.  Rejected records go to ``zen_rejects``
-in the same transaction; the rest commits.  See ``docs/upserting.md`` for the merge
-rules column by column.
+One call to `Upserter.upsert` computes every link's partition key at once
+(`zenpipe.keys.route`), sorts the batch by (partition, key, link), then, chunk by chunk
+in that order, validates the records in Python (`zenpipe.validate`, in a helper thread
+one chunk ahead), COPYs them in binary into a transaction-scoped staging table and
+merges them with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``.  Rejected records
+go to ``zen_rejects`` in the same transaction; the rest commits.  See
+``docs/upserting.md`` for the merge rules column by column.
 
 The merge is order-independent: arrays are unioned, each scalar keeps the value of its
 newest observation (ties: the greater value), NULL never erases.  So writes may be
@@ -18,7 +19,8 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -37,7 +39,7 @@ from tenacity import (
 
 from . import queries
 from .errors import UpsertError, is_transient
-from .keys import hashtext, partition_of
+from .keys import route
 from .validate import SCALAR_FIELDS, Contact, Problem, normalize_json, validate_record
 
 if TYPE_CHECKING:
@@ -116,15 +118,143 @@ class UpsertReport:
     #: True when a retry found that the previous attempt's commit had landed after all
     #: (its acknowledgement was lost); nothing was written again.
     already_committed: bool = False
+    #: CPU seconds of the Python-side preparation (routing, validation, rows), most of
+    #: it in the helper thread, overlapping the server's work.
+    prepare_seconds: float = 0.0
+    #: Seconds the writer waited for a chunk to be prepared: the Python time that did
+    #: not overlap with the server.
+    prepare_wait_seconds: float = 0.0
+    #: Transactions the call used (1, or one per partition group with ``parallel``).
+    transactions: int = 1
 
 
-class _Prepared(NamedTuple):
-    records: list[Any]
-    rows: list[tuple[Any, ...]]  # COPY rows, in ord order
-    row_index: list[int]  # ord -> index in records
+class _Chunk(NamedTuple):
+    rows: list[tuple[Any, ...]]  # COPY rows, ascending ord
     rounds: list[list[int]]  # round -> ords in it, ascending
     rejections: list[tuple[Rejection, list[Problem]]]
     merged_in_batch: int
+    cpu_seconds: float
+
+
+class _Prepared:
+    """A batch routed and sorted up front, validated chunk by chunk.
+
+    ``ord`` is a record's position in the batch's (partition, key, link, index) order;
+    a chunk is a run of ords (never splitting one link), so writing the chunks in turn
+    takes row locks in the same global order as one big statement would.  Chunks are
+    validated lazily, one ahead of the writer, in the upserter's helper thread; results
+    are memoized, so a retried transaction does no Python work again.
+    """
+
+    def __init__(
+        self,
+        up: Upserter,
+        *,
+        records: list[Any],
+        order: list[int],
+        keys: list[int],
+        parts: list[int],
+        bounds: list[tuple[int, int]],
+        early: list[tuple[Rejection, list[Problem]]],
+        now_us: int,
+        cpu_seconds: float,
+    ) -> None:
+        self.up = up
+        self.records = records
+        self.order = order  # ord -> index in records
+        self.keys = keys  # ord -> partition_key
+        self.parts = parts  # ord -> leaf partition (0..31)
+        self.bounds = bounds
+        self.early = early
+        self.now_us = now_us
+        self.route_cpu_seconds = cpu_seconds
+        self.wait_seconds = 0.0
+        self._futures: list[Future[_Chunk] | None] = [None] * len(bounds)
+
+    def subset(self, bounds: list[tuple[int, int]], *, early: bool) -> _Prepared:
+        """The same batch restricted to *bounds* (a partition group)."""
+        return _Prepared(
+            self.up,
+            records=self.records,
+            order=self.order,
+            keys=self.keys,
+            parts=self.parts,
+            bounds=bounds,
+            early=self.early if early else [],
+            now_us=self.now_us,
+            cpu_seconds=self.route_cpu_seconds if early else 0.0,
+        )
+
+    def _future(self, k: int) -> Future[_Chunk]:
+        fut = self._futures[k]
+        if fut is None:
+            if len(self.bounds) == 1:  # nothing to overlap with: no thread hop
+                fut = Future()
+                fut.set_result(self._prepare_chunk(k))
+            else:
+                fut = self.up._helper().submit(self._prepare_chunk, k)
+            self._futures[k] = fut
+        return fut
+
+    def chunks(self) -> Iterator[_Chunk]:
+        """Every chunk in ord order, preparing the next one while the caller writes."""
+        for k in range(len(self.bounds)):
+            fut = self._future(k)
+            if k + 1 < len(self.bounds):
+                self._future(k + 1)
+            if not fut.done():
+                t = time.perf_counter()
+                fut.result()
+                self.wait_seconds += time.perf_counter() - t
+            yield fut.result()
+
+    def rejections(self) -> list[tuple[Rejection, list[Problem]]]:
+        out = list(self.early)
+        for chunk in self.chunks():
+            out += chunk.rejections
+        return out
+
+    def merged_in_batch(self) -> int:
+        return sum(chunk.merged_in_batch for chunk in self.chunks())
+
+    def cpu_seconds(self) -> float:
+        return self.route_cpu_seconds + sum(c.cpu_seconds for c in self.chunks())
+
+    def _prepare_chunk(self, k: int) -> _Chunk:
+        t = time.thread_time()
+        lo, hi = self.bounds[k]
+        records, order, keys = self.records, self.order, self.keys
+        cap = self.up.max_array_items
+        now_us = self.now_us
+        server = self.up.server_id
+        rows: list[tuple[Any, ...]] = []
+        rounds: list[list[int]] = []
+        rejections: list[tuple[Rejection, list[Problem]]] = []
+        prev_link: str | None = None
+        rnd = 0
+        merged = 0
+        for ord_ in range(lo, hi):
+            i = order[ord_]
+            rec = records[i]
+            got = validate_record(rec, max_array_items=cap, now_us=now_us)
+            if not isinstance(got, Contact):
+                rejections.append(_rejection(i, rec, got))
+                continue
+            link = got.source_link
+            if link == prev_link:
+                rnd += 1
+                merged += 1
+            else:
+                rnd = 0
+                prev_link = link
+            if rnd == len(rounds):
+                rounds.append([])
+            rounds[rnd].append(ord_)
+            rows.append(
+                (ord_, rnd, keys[ord_], link, got.observed_us, *got.scalars, server,
+                 got.emails, got.phones, got.whatsapp)
+            )  # fmt: skip
+        return _Chunk(rows, rounds, rejections, merged, time.thread_time() - t)
 
 
 class _Written(NamedTuple):
@@ -144,6 +274,13 @@ class Upserter:
     is retried at most *max_retries* times after transient errors, with exponential
     backoff and jitter up to *max_wait* seconds between attempts.
 
+    A batch is written in chunks of about *chunk_rows* records (a link is never split):
+    one helper thread validates chunk k+1 while the connection sends and merges chunk k,
+    in the same transaction.  With *parallel* > 1, plain `upsert` calls split the
+    partitions into that many groups written concurrently over pooled connections (the
+    upserter's own pool gets at least *parallel* connections; a caller's pool must have
+    them); `upsert_and_complete` and ``conn=`` calls always use one transaction.
+
     Not thread-safe: use one instance per thread (they may share a pool).
     """
 
@@ -156,6 +293,8 @@ class Upserter:
         max_retries: int = 5,
         max_wait: float = 2.0,
         pool_size: int = 1,
+        parallel: int = 1,
+        chunk_rows: int = 1000,
     ) -> None:
         if not server_id or "\x00" in server_id:
             raise ValueError("server_id must be a non-empty string without NUL")
@@ -163,12 +302,18 @@ class Upserter:
         self.max_array_items = max_array_items
         self.max_retries = max_retries
         self.max_wait = max_wait
+        if parallel < 1 or chunk_rows < 1:
+            raise ValueError("parallel and chunk_rows must be at least 1")
+        self.parallel = parallel
+        self.chunk_rows = chunk_rows
         self._queries = queries.load("upsert")
+        self._prep_executor: ThreadPoolExecutor | None = None
+        self._group_executor: ThreadPoolExecutor | None = None
         if isinstance(conninfo, str):
             self._pool: ConnectionPool[Any] = ConnectionPool(
                 conninfo,
                 min_size=1,
-                max_size=pool_size,
+                max_size=max(pool_size, parallel),
                 kwargs={"prepare_threshold": None},
                 open=True,
                 name=f"zenpipe-upsert-{server_id}",
@@ -179,9 +324,20 @@ class Upserter:
             self._own_pool = False
 
     def close(self) -> None:
-        """Close the pool if the upserter opened it (waits for connections in use)."""
+        """Stop the helper threads; close the pool if the upserter opened it (waits for
+        connections in use)."""
+        for executor in (self._prep_executor, self._group_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._prep_executor = self._group_executor = None
         if self._own_pool:
             self._pool.close()
+
+    def _helper(self) -> ThreadPoolExecutor:
+        """The thread that validates the next chunk while the writer sends this one."""
+        if self._prep_executor is None:
+            self._prep_executor = ThreadPoolExecutor(1, thread_name_prefix="zenpipe-prepare")
+        return self._prep_executor
 
     def __enter__(self) -> Upserter:
         return self
@@ -200,6 +356,12 @@ class Upserter:
         writer.  With *conn*: runs inside the caller's open transaction, which it neither
         commits nor retries; *conn* must not be in autocommit mode.
 
+        With ``parallel=N`` (constructor) and no *conn*, the partitions are split into N
+        contiguous groups written concurrently, each in its own transaction on its own
+        pooled connection, each retried on its own; the final table is the same as with
+        one transaction, but a call that raises may have committed some groups (sending
+        the batch again is safe: only ``scrape_count`` counts it twice for those rows).
+
         Bad records never raise: they are stored in ``zen_rejects`` and listed in the
         report.  Raises the last `psycopg.Error` when retries are exhausted or the error
         is not transient (the transaction is then rolled back: nothing was written), and
@@ -213,7 +375,23 @@ class Upserter:
                     "and no transaction is open): the staging table would vanish"
                 )
             return self._report(prepared, self._write(conn, prepared), retries=0)
-        return self._run(prepared, None, None)
+        groups = self._groups(prepared)
+        if len(groups) == 1:
+            return self._run(prepared, None, None)
+        if self._group_executor is None:
+            self._group_executor = ThreadPoolExecutor(
+                self.parallel, thread_name_prefix="zenpipe-group"
+            )
+        futures = [self._group_executor.submit(self._run, g, None, None) for g in groups]
+        reports = []
+        for fut in futures:  # wait for every group before raising: no thread left behind
+            try:
+                reports.append(fut.result())
+            except BaseException:
+                for other in futures:
+                    other.exception()
+                raise
+        return _combine(reports)
 
     def upsert_and_complete(
         self, records: Iterable[Mapping[str, Any]], claimer: Claimer, batch: Batch
@@ -266,86 +444,128 @@ class Upserter:
     def _report(self, prepared: _Prepared, written: _Written, *, retries: int) -> UpsertReport:
         report = UpsertReport(
             written=written.written,
-            merged_in_batch=prepared.merged_in_batch,
+            merged_in_batch=prepared.merged_in_batch(),
             retries=retries,
             statements=written.statements,
+            prepare_seconds=prepared.cpu_seconds(),
+            prepare_wait_seconds=prepared.wait_seconds,
         )
-        for rejection, _ in prepared.rejections + written.rejections:
+        for rejection, _ in prepared.rejections() + written.rejections:
             report.rejections.append(rejection)
             report.reasons[rejection.reason] += 1
         report.rejections.sort(key=lambda r: r.index)
         report.rejected = len(report.rejections)
         return report
 
+    def _groups(self, prepared: _Prepared) -> list[_Prepared]:
+        """*prepared* split into at most ``parallel`` groups of whole partitions."""
+        n = self.parallel
+        if n == 1:
+            return [prepared]
+        per: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        for lo, hi in prepared.bounds:
+            # a chunk may straddle two partitions: cut it where the group changes
+            start = lo
+            for ord_ in range(lo + 1, hi + 1):
+                if ord_ == hi or prepared.parts[ord_] * n // 32 != prepared.parts[start] * n // 32:
+                    per[prepared.parts[start] * n // 32].append((start, ord_))
+                    start = ord_
+        groups = [prepared.subset(b, early=False) for b in per if b]
+        if not groups:  # every record was rejected before routing
+            return [prepared]
+        groups[0].early = prepared.early
+        groups[0].route_cpu_seconds = prepared.route_cpu_seconds
+        return groups
+
     def _prepare(self, records: Iterable[Mapping[str, Any]]) -> _Prepared:
-        """Validate, hash, sort and round the batch: all the Python-side work, done once
-        (not again on a retry)."""
+        """Route and sort the batch and cut it into chunks; validation follows lazily,
+        chunk by chunk (`_Prepared.chunks`).  Done once per call, not per attempt."""
+        t = time.thread_time()
         recs = list(records)
         now_us = time.time_ns() // 1000
-        cap = self.max_array_items
-        entries: list[tuple[int, int, str, int, Contact]] = []
-        rejections: list[tuple[Rejection, list[Problem]]] = []
+        links: list[str] = []
+        idx: list[int] = []
+        unroutable: list[int] = []
         for i, rec in enumerate(recs):
-            got = validate_record(rec, max_array_items=cap, now_us=now_us)
-            if isinstance(got, Contact):
-                key = hashtext(got.source_link)
-                entries.append((partition_of(key), key, got.source_link, i, got))
+            link = rec.get("source_link") if isinstance(rec, Mapping) else None
+            if type(link) is str and link and "\x00" not in link:
+                links.append(link)
+                idx.append(i)
             else:
-                first = got[0]
-                link = rec.get("source_link") if isinstance(rec, Mapping) else None
-                rejections.append(
-                    (
-                        Rejection(i, _safe_link(link), first.field, first.reason, first.detail),
-                        got,
-                    )
-                )
-        entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
-        server = self.server_id
-        rows: list[tuple[Any, ...]] = []
-        row_index: list[int] = []
-        rounds: list[list[int]] = []
-        prev_link: str | None = None
-        rnd = 0
-        merged = 0
-        for ord_, (_, key, link, i, c) in enumerate(entries):
-            if link == prev_link:
-                rnd += 1
-                merged += 1
-            else:
-                rnd = 0
-                prev_link = link
-            if rnd == len(rounds):
-                rounds.append([])
-            rounds[rnd].append(ord_)
-            row_index.append(i)
-            rows.append((ord_, rnd, key, link, c.observed_us, *c.scalars, server, *c[3:]))
-        return _Prepared(recs, rows, row_index, rounds, rejections, merged)
+                unroutable.append(i)
+        try:
+            keys, parts = route(links)
+        except UnicodeEncodeError:  # lone surrogates: set those links aside, rarely taken
+            bad = {j for j, link in enumerate(links) if not _encodes(link)}
+            unroutable += [idx[j] for j in bad]
+            links = [link for j, link in enumerate(links) if j not in bad]
+            idx = [i for j, i in enumerate(idx) if j not in bad]
+            keys, parts = route(links)
+        sort = sorted(range(len(links)), key=lambda j: (parts[j], keys[j], links[j], idx[j]))
+        order = [idx[j] for j in sort]
+        okeys = [keys[j] for j in sort]
+        oparts = [parts[j] for j in sort]
+        olinks = [links[j] for j in sort]
+        bounds: list[tuple[int, int]] = []
+        lo, n, size = 0, len(sort), self.chunk_rows
+        while lo < n:
+            hi = min(lo + size, n)
+            while hi < n and olinks[hi] == olinks[hi - 1]:  # one link, one chunk
+                hi += 1
+            bounds.append((lo, hi))
+            lo = hi
+        early = []
+        for i in sorted(unroutable):  # records without a usable link: always rejected
+            got = validate_record(recs[i], max_array_items=self.max_array_items, now_us=now_us)
+            if isinstance(got, Contact):  # pragma: no cover - the link checks above forbid it
+                raise AssertionError(f"record {i} has no routable link but validated")
+            early.append(_rejection(i, recs[i], got))
+        cpu = time.thread_time() - t
+        return _Prepared(
+            self,
+            records=recs,
+            order=order,
+            keys=okeys,
+            parts=oparts,
+            bounds=bounds,
+            early=early,
+            now_us=now_us,
+            cpu_seconds=cpu,
+        )
 
     def _write(self, conn: psycopg.Connection[Any], prepared: _Prepared) -> _Written:
-        """Stage, merge (bisecting bad rows out), store rejects; no commit."""
+        """Stage and merge chunk by chunk (bisecting bad rows out), store rejects; no
+        commit.  The next chunk is validated in the helper thread meanwhile."""
         q = self._queries
         db_rejects: list[tuple[Rejection, list[Problem]]] = []
         written = 0
         statements = 0
+        staged = False
         with conn.cursor() as cur:
             set_json_dumps(orjson.dumps, context=cur)
-            if prepared.rows:
-                cur.execute(q["create_stage"])
+            for chunk in prepared.chunks():
+                if not chunk.rows:
+                    continue
+                if not staged:
+                    cur.execute(q["create_stage"])
+                    statements += 1
+                    staged = True
                 with cur.copy(q["copy_stage"]) as copy:
                     copy.set_types(_COPY_TYPES)
-                    for row in prepared.rows:
+                    for row in chunk.rows:
                         copy.write_row(row)
-                statements += 2
-                for rnd, ords in enumerate(prepared.rounds):
+                statements += 1
+                for rnd, ords in enumerate(chunk.rounds):
                     w, s, failed = self._merge(cur, rnd, ords)
                     written += w
                     statements += s
                     for ord_, err in failed:
-                        i = prepared.row_index[ord_]
+                        i = prepared.order[ord_]
                         db_rejects.append(_db_rejection(i, prepared.records[i], err))
+            if staged:
                 cur.execute(q["drop_stage"])
                 statements += 1
-            rejects = prepared.rejections + db_rejects
+            rejects = prepared.rejections() + db_rejects
             if rejects:
                 with cur.copy(q["copy_rejects"]) as copy:
                     copy.set_types(_REJECT_TYPES)
@@ -404,6 +624,37 @@ class Upserter:
             payload,
             is_repr,
         )
+
+
+def _rejection(index: int, record: Any, problems: list[Problem]) -> tuple[Rejection, list[Problem]]:
+    first = problems[0]
+    link = record.get("source_link") if isinstance(record, Mapping) else None
+    return Rejection(index, _safe_link(link), first.field, first.reason, first.detail), problems
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _combine(reports: list[UpsertReport]) -> UpsertReport:
+    """One report for the partition groups of a parallel call."""
+    out = UpsertReport(transactions=len(reports))
+    for r in reports:
+        out.written += r.written
+        out.merged_in_batch += r.merged_in_batch
+        out.rejections += r.rejections
+        out.reasons += r.reasons
+        out.retries += r.retries
+        out.statements += r.statements
+        out.prepare_seconds += r.prepare_seconds
+        out.prepare_wait_seconds += r.prepare_wait_seconds
+    out.rejections.sort(key=lambda r: r.index)
+    out.rejected = len(out.rejections)
+    return out
 
 
 def _db_rejection(

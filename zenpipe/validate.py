@@ -132,6 +132,8 @@ def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
 
 def _float_in(lo: float, hi: float) -> Callable[[Any], float]:
     def check(v: Any) -> float:
+        if type(v) is float and lo <= v <= hi:  # the common case (NaN fails the test)
+            return v + 0.0  # -0.0 -> 0.0
         if type(v) is bool or not isinstance(v, int | float):
             raise _Bad("wrong_type", f"expected a number, got {type(v).__name__}")
         f = float(v)
@@ -205,7 +207,26 @@ def normalize_phone(v: Any) -> str | None:
         raise ValueError(e.reason, e.detail) from None
 
 
+_PHONE_SEPARATORS = str.maketrans("", "", " ()./-")
+
+
 def _phone(v: Any) -> str | None:
+    # Fast path for the common well-formed ASCII number; anything unusual (and every
+    # error, with its message) goes through _phone_checked, which defines the result.
+    if type(v) is str and v.isascii():
+        s = v.strip()
+        intl = s[:1] == "+"
+        digits = (s[1:] if intl else s).translate(_PHONE_SEPARATORS)
+        if digits.isdigit():  # ASCII here, so 0-9 only; no NUL, no letters, no '+'
+            if not intl and digits[:2] == "00":
+                intl = True
+                digits = digits[2:]
+            if 4 <= len(digits) <= 15:
+                return "+" + digits if intl else digits
+    return _phone_checked(v)
+
+
+def _phone_checked(v: Any) -> str | None:
     if type(v) is not str:
         raise _Bad("wrong_type", f"expected a string item, got {type(v).__name__}")
     _check_str(v)
@@ -337,6 +358,8 @@ ARRAY_FIELDS: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
 
 _SLOT = {name: i for i, (name, _) in enumerate(SCALAR_FIELDS)}
 _SCALAR_CHECK = dict(SCALAR_FIELDS)
+#: name -> (slot, check, plain text?): one lookup per field on the hot path.
+_DISPATCH = {name: (i, fn, fn is _text) for i, (name, fn) in enumerate(SCALAR_FIELDS)}
 _ARRAY_CHECK = dict(ARRAY_FIELDS)
 _N = len(SCALAR_FIELDS)
 
@@ -396,10 +419,16 @@ def validate_record(record: Any, *, max_array_items: int, now_us: int) -> Contac
     saw_link = False
     for key, value in record.items():
         try:
-            slot = _SLOT.get(key)
-            if slot is not None:
-                if value is not None:
-                    scalars[slot] = _SCALAR_CHECK[key](value)
+            spec = _DISPATCH.get(key)
+            if spec is not None:
+                if value is None:
+                    continue
+                slot, check, plain = spec
+                # plain ASCII text without NUL, inline: most fields of most records
+                if plain and type(value) is str and value.isascii() and "\x00" not in value:
+                    scalars[slot] = value if value and not value.isspace() else None
+                else:
+                    scalars[slot] = check(value)
             elif key == "source_link":
                 saw_link = True
                 link = _link(value)
