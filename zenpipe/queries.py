@@ -55,5 +55,8 @@ def load(group: str) -> dict[str, sql.SQL]:
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ZenpipeError(f"query {name!r} defined twice in {group}.sql")
-        queries[name] = trusted(body.strip().rstrip(";").strip())
+        # Full-line comments are for readers of the file; the server need not parse
+        # them on every execution.
+        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
+        queries[name] = trusted("\n".join(lines).strip().rstrip(";").strip())
     return queries
