@@ -7,6 +7,7 @@ throwaway PostgreSQL that is created for the command and deleted afterwards.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -78,7 +79,9 @@ def _print_inventory(dsn: str) -> None:
         name for kind, name, part in rows if kind == "i" and not part
     ]
     print(f"tables ({len(tables)}): {', '.join(tables)}")
-    print(f"partitions ({len(partitions)}): {partitions[0]} .. {partitions[-1]}" if partitions else "")
+    print(
+        f"partitions ({len(partitions)}): {partitions[0]} .. {partitions[-1]}" if partitions else ""
+    )
     print(f"views ({len(views)}): {', '.join(views)}")
     print(f"functions ({len(funcs)}): {', '.join(f[0] for f in funcs)}")
     print(f"indexes ({len(indexes)} on parents, plus one per partition): {', '.join(indexes)}")
@@ -89,8 +92,10 @@ def _cmd_schema_status(args: argparse.Namespace) -> int:
         applied = schema.status(dsn)
         done = {m.version for m in applied}
         for m in applied:
-            print(f"{m.version:04d}_{m.name}  applied {m.applied_at:%Y-%m-%d %H:%M:%S}  "
-                  f"{m.checksum[:12]}")
+            print(
+                f"{m.version:04d}_{m.name}  applied {m.applied_at:%Y-%m-%d %H:%M:%S}  "
+                f"{m.checksum[:12]}"
+            )
         for p in schema.load_migrations():
             if p.version not in done:
                 print(f"{p.label}  pending")
@@ -113,14 +118,27 @@ def _add_requeue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     text = "put failed rows (or the rows given) back to pending with a fresh attempt budget"
     p = sub.add_parser("requeue", help=text, description=text)
-    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN, "
-                   "else a throwaway server)")
-    p.add_argument("--id", dest="ids", type=int, action="append", default=[],
-                   help="a results id (repeatable); default: every failed row")
-    p.add_argument("--any-status", action="store_true",
-                   help="with --id: requeue those rows whatever their status (done, claimed)")
-    p.add_argument("--all", action="store_true",
-                   help="requeue EVERY non-pending row (a full re-run); live claims are fenced")
+    p.add_argument(
+        "--dsn", help="libpq connection string (default: $ZENPIPE_DSN, else a throwaway server)"
+    )
+    p.add_argument(
+        "--id",
+        dest="ids",
+        type=int,
+        action="append",
+        default=[],
+        help="a results id (repeatable); default: every failed row",
+    )
+    p.add_argument(
+        "--any-status",
+        action="store_true",
+        help="with --id: requeue those rows whatever their status (done, claimed)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="requeue EVERY non-pending row (a full re-run); live claims are fenced",
+    )
     p.set_defaults(func=run)
 
 
@@ -144,10 +162,70 @@ def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     text = "show the fleet's connection budget, live servers and pool metrics"
     p = sub.add_parser("stats", help=text, description=text)
-    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN, "
-                   "else a throwaway server)")
+    p.add_argument(
+        "--dsn", help="libpq connection string (default: $ZENPIPE_DSN, else a throwaway server)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo  # noqa: PLC0415  (spawns processes; only when asked)
+
+    with _database(args.dsn) as dsn:
+        applied = schema.apply(dsn)
+        if applied:
+            print(f"schema: applied {', '.join(m.label for m in applied)}")
+        print(
+            f"demo: {args.rows:,} raw rows, {args.servers} servers x {args.workers} workers, "
+            f"batches of {args.batch}"
+        )
+        report = demo.run(
+            dsn, rows=args.rows, servers=args.servers, workers=args.workers, batch=args.batch
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        checks, seeded = report["checks"], report["seeded"]
+        print(f"done in {report['seconds']} s: {report['rows_per_s']:,} rows/s end to end")
+        print(
+            f"results: {checks['rows_done']:,} done, {checks['rows_parked_failed']} parked "
+            f"after failing twice (poison rows seeded: {seeded['poison']}), "
+            f"{checks['rows_left']} left"
+        )
+        print(
+            f"contacts: {checks['contacts']:,} (one per valid link: "
+            f"{checks['expected_contacts']:,}; {seeded['repeats']:,} re-scrapes merged)"
+        )
+        print(
+            f"rejected records kept in zen_rejects: {checks['rejects']} "
+            f"(bad records seeded: {seeded['bad']})"
+        )
+        print(
+            f"advisory locks left: {checks['zenpipe_locks_left']}, "
+            f"idle transactions left: {checks['idle_in_transaction']}"
+        )
+        for e in report["errors"]:
+            print(f"error: {e}")
+        print("invariants: OK" if report["ok"] else "invariants: VIOLATED")
+    return 0 if report["ok"] else 1
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on synthetic scrapes and check its invariants",
+        description="Seed raw rows, run servers x workers until idle, verify the result.",
+    )
+    p.add_argument(
+        "--dsn", help="libpq connection string (default: $ZENPIPE_DSN, else a throwaway server)"
+    )
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--servers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=3, help="worker threads per server")
+    p.add_argument("--batch", type=int, default=200)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,18 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
         help_text: str,
     ) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN, "
-                       "else a throwaway server)")
+        p.add_argument(
+            "--dsn", help="libpq connection string (default: $ZENPIPE_DSN, else a throwaway server)"
+        )
         p.set_defaults(func=func)
         return p
 
     schema_p = sub.add_parser("schema", help="apply or inspect the schema migrations")
     schema_sub = schema_p.add_subparsers(dest="schema_command", required=True)
     apply_p = add(schema_sub, "apply", _cmd_schema_apply, "apply pending migrations")
-    apply_p.add_argument("--lock-timeout", type=float, default=600.0,
-                         help="seconds to wait for another process's migration run")
+    apply_p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for another process's migration run",
+    )
     add(schema_sub, "status", _cmd_schema_status, "list applied and pending migrations")
     # Further subcommands register here, one call each.
+    _add_demo(sub)
     _add_stats(sub)
     _add_requeue(sub)
     return parser
