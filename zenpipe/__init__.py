@@ -34,6 +34,7 @@ from .errors import (
 from .keys import hashtext, partition_key, partition_of, partition_table, route
 from .pool import ZenPool
 from .upsert import Rejection, Upserter, UpsertReport
+from .worker import Worker, WorkerStats
 
 __all__ = [
     "Batch",
@@ -58,6 +59,8 @@ __all__ = [
     "UpsertError",
     "UpsertReport",
     "Upserter",
+    "Worker",
+    "WorkerStats",
     "ZenPool",
     "ZenpipeError",
     "__version__",
