@@ -14,6 +14,7 @@ pytestmark = pytest.mark.pg18
 def zenpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "zenpipe", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,

@@ -40,6 +40,7 @@ from typing import Literal, Self
 
 import psycopg
 
+from ._process import pid_alive
 from .errors import ServerStartError
 
 __all__ = ["ThrowawayPgBouncer", "ThrowawayPostgres", "find_bindir", "find_pgbouncer"]
@@ -176,16 +177,6 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep_stale(tmp_root: Path) -> None:
     """Remove data folders left behind by processes that were killed."""
     for d in tmp_root.glob(_PREFIX + "*"):
@@ -194,7 +185,7 @@ def _sweep_stale(tmp_root: Path) -> None:
             pid = int(owner.read_text())
         except (OSError, ValueError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -42,6 +42,7 @@ from tenacity import (
 )
 
 from . import __version__
+from ._process import pid_alive
 from .config import Settings, redacted_dsn
 from .errors import (
     FleetBudgetExceeded,
@@ -123,16 +124,6 @@ def detect_pgbouncer(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute(load("pool")["server_limits"]).fetchone()
     assert row is not None
     return int(conn.info.port) != int(row[3])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- the fleet budget ----------------------------------------------------------------
@@ -291,7 +282,7 @@ class FleetMember:
             assert limits is not None
             owner = conn.execute(q["own_row"], ident).fetchone()
             if owner is not None and owner[2] and (owner[0], owner[1]) != (self.host, self.pid):
-                same_host_dead = owner[0] == self.host and not _pid_alive(int(owner[1]))
+                same_host_dead = owner[0] == self.host and not pid_alive(int(owner[1]))
                 if not same_host_dead:
                     raise ServerIdInUse(
                         f"server id {self.server_id!r} is held by live process {owner[1]} "
