@@ -12,7 +12,7 @@ until nothing is left.
 * ``skip_locked_lease``: the same, but the claim is recorded on the rows (status, lease)
   and committed before the rows are marked done in a second transaction: what SKIP LOCKED
   needs to give the crash-safe, no-open-transaction lease zenpipe gives.
-* ``zenpipe``: `Claimer.claim()` with ``--batch`` rows (default 2000), then
+* ``zenpipe``: `Claimer.claim()` with ``--batch`` rows (default 500), then
   `Claimer.complete()`: two short transactions per batch, one statement each.
 
 Reported per method: rows/s, rows claimed more than once (duplicates), the peak number of
@@ -240,7 +240,7 @@ def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2000, help="zenpipe batch size")
+    parser.add_argument("--batch", type=int, default=500, help="zenpipe batch size")
     parser.add_argument(
         "--seed-seconds", type=float, default=60.0, help="time cap of the seed pattern (it is slow)"
     )

@@ -30,6 +30,11 @@ def pg_server() -> Iterator[ThrowawayPostgres]:
     """The session's PostgreSQL (Debian's, PG_BINDIR's, or embedded 18 when
     ZENPIPE_PG_SOURCE=embedded)."""
     with ThrowawayPostgres() as server:
+        with psycopg.connect(server.dsn) as conn:
+            version = conn.info.server_version
+        print(f"\nzenpipe tests on PostgreSQL {version // 10000} ({server.bindir})")
+        if os.environ.get("ZENPIPE_PG_SOURCE") == "embedded":
+            assert version >= 180000, "the embedded run must test PostgreSQL 18"
         yield server
 
 
