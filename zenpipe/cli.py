@@ -19,6 +19,7 @@ import psycopg
 from . import schema
 from .embedded import ThrowawayPostgres
 from .errors import ZenpipeError
+from .queries import load
 
 __all__ = ["main"]
 
@@ -53,22 +54,9 @@ def _cmd_schema_apply(args: argparse.Namespace) -> int:
 
 def _print_inventory(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            """
-            SELECT c.relkind::text, c.relname, c.relispartition
-            FROM pg_class AS c
-            JOIN pg_namespace AS n ON n.oid = c.relnamespace
-            WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'i', 'I')
-            ORDER BY c.relname
-            """
-        ).fetchall()
-        funcs = conn.execute(
-            """
-            SELECT p.proname FROM pg_proc AS p
-            JOIN pg_namespace AS n ON n.oid = p.pronamespace
-            WHERE n.nspname = current_schema() ORDER BY 1
-            """
-        ).fetchall()
+        q = load("schema")
+        rows = conn.execute(q["inventory_relations"]).fetchall()
+        funcs = conn.execute(q["inventory_functions"]).fetchall()
     tables = [name for kind, name, part in rows if kind in ("r", "p") and not part]
     partitions = sorted(
         (name for kind, name, part in rows if kind == "r" and part),

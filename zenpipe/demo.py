@@ -24,6 +24,7 @@ import psycopg
 from .claim import Claim
 from .locks import NAMESPACE_CLAIM
 from .pool import ZenPool
+from .queries import load
 from .worker import Worker, WorkerStats
 
 __all__ = ["enrich", "run", "seed"]
@@ -123,6 +124,15 @@ def _server(dsn: str, server_id: str, workers: int, batch: int, out: Any) -> Non
     out.put({"server": server_id, "stats": [asdict(s) for s in stats], "errors": errors})
 
 
+def _one_row(
+    conn: psycopg.Connection[Any], query: Any, params: dict[str, Any] | None = None
+) -> tuple[Any, ...]:
+    row = conn.execute(query, params).fetchone()
+    if row is None:  # pragma: no cover - aggregates always return a row
+        raise RuntimeError("an aggregate returned no row")
+    return tuple(row)
+
+
 def run(dsn: str, *, rows: int, servers: int, workers: int, batch: int = 200) -> dict[str, Any]:
     """Seed, run the fleet until idle, check the invariants; return the report."""
     kinds = seed(dsn, rows)
@@ -144,32 +154,23 @@ def run(dsn: str, *, rows: int, servers: int, workers: int, batch: int = 200) ->
         for s in r["stats"]:
             for k, v in s.items():
                 totals[k] = totals.get(k, 0) + v
+    q = load("demo")
     with psycopg.connect(dsn, autocommit=True) as conn:
-
-        def one(query: str, params: Any = None) -> Any:
-            row = conn.execute(query, params).fetchone()
-            return row[0] if row else None
-
-        checks = {
-            "rows_done": one("SELECT count(*) FROM results WHERE status = 'done'"),
-            "rows_parked_failed": one("SELECT count(*) FROM results WHERE status = 'failed'"),
-            "rows_left": one("SELECT count(*) FROM results WHERE status IN ('pending', 'claimed')"),
-            "contacts": one("SELECT count(*) FROM zen_contacts"),
-            "expected_contacts": one(
-                "SELECT count(DISTINCT link) FROM results WHERE status = 'done' "
-                "AND data->>'country' ~ '^[A-Z]{2}$'"
-            ),
-            "rejects": one("SELECT count(*) FROM zen_rejects"),
-            "zenpipe_locks_left": one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
-                (NAMESPACE_CLAIM,),
-            ),
-            "idle_in_transaction": one(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND state LIKE 'idle in transaction%%'"
-            ),
-            "contacts_scrape_count": one("SELECT sum(scrape_count) FROM zen_contacts"),
-        }
+        # Aggregates: each statement returns exactly one row.
+        done, parked, left_over, valid_links = _one_row(conn, q["results_by_status"])
+        contacts, writes, rejects = _one_row(conn, q["contacts_and_rejects"])
+        locks, idle = _one_row(conn, q["leftovers"], {"namespace": NAMESPACE_CLAIM})
+    checks = {
+        "rows_done": done,
+        "rows_parked_failed": parked,
+        "rows_left": left_over,
+        "contacts": contacts,
+        "expected_contacts": valid_links,
+        "rejects": rejects,
+        "zenpipe_locks_left": locks,
+        "idle_in_transaction": idle,
+        "contacts_scrape_count": writes,
+    }
     ok = (
         checks["rows_left"] == 0
         and checks["rows_done"] + checks["rows_parked_failed"] == rows

@@ -200,8 +200,8 @@ def status(conninfo: str) -> list[AppliedMigration]:
     """The migrations recorded in the database, oldest first (empty when none)."""
     q = load("schema")
     with psycopg.connect(conninfo, autocommit=True, row_factory=tuple_row) as conn:
-        exists = conn.execute("SELECT to_regclass('zen_schema_migrations')").fetchone()
-        if exists is None or exists[0] is None:
+        exists = conn.execute(q["migrations_table_exists"]).fetchone()
+        if exists is None or not exists[0]:
             return []
         return [AppliedMigration(*row) for row in conn.execute(q["applied_migrations"])]
 
@@ -262,7 +262,7 @@ def _brief_ddl(conn: psycopg.Connection[tuple[object, ...]], stmt: sql.Composed)
     for attempt in range(_DDL_ATTEMPTS):
         try:
             with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (_DDL_LOCK_TIMEOUT,))
+                conn.execute(load("schema")["set_local_lock_timeout"], (_DDL_LOCK_TIMEOUT,))
                 conn.execute(stmt)
             return
         except psycopg.errors.LockNotAvailable:

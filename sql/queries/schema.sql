@@ -50,3 +50,25 @@ SELECT x.indisvalid,
        EXISTS (SELECT 1 FROM pg_inherits AS i WHERE i.inhrelid = x.indexrelid)
 FROM pg_index AS x
 WHERE x.indexrelid = to_regclass(%s);
+
+-- name: migrations_table_exists
+SELECT to_regclass('zen_schema_migrations') IS NOT NULL;
+
+-- name: set_local_lock_timeout
+-- For one brief DDL step: give up (and retry) rather than queue writers behind us.
+SELECT set_config('lock_timeout', %s, true);
+
+-- name: inventory_relations
+-- What `zenpipe schema apply` reports: relations of the current schema by kind.
+SELECT c.relkind::text, c.relname, c.relispartition
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'i', 'I')
+ORDER BY c.relname;
+
+-- name: inventory_functions
+SELECT p.proname
+FROM pg_proc AS p
+JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = current_schema()
+ORDER BY 1;
