@@ -236,7 +236,7 @@ def _plan(dsn: str, drop_indexes: bool) -> dict[str, Any]:
             conn.execute("DROP INDEX results_pending_idx, results_lease_idx")
         conn.execute("ANALYZE results")
         stmt = psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + load("claim")["claim_lock"]
-        params = {"scan": 40, "batch": 10, "namespace": NAMESPACE_CLAIM}
+        params = {"scan": 40, "batch": 10, "namespace": NAMESPACE_CLAIM, "max_attempts": 5}
         got = conn.execute(stmt, params).fetchone()
         conn.rollback()
     assert got is not None
@@ -434,6 +434,26 @@ def test_poison_row_is_parked_after_max_attempts_until_requeued(dsn: str) -> Non
         assert batch.ids == [poison] and batch.claims[0].attempt == 1
         w.complete(batch)
     assert requeue(dsn) == 0
+    assert_no_leaks(dsn)
+
+
+def test_row_whose_workers_keep_dying_is_parked(dsn: str) -> None:
+    """A row that kills every worker that takes it (no fail() is ever recorded) is
+    reclaimed after each lease, and parked once its lease ran out max_attempts times."""
+    poison, healthy = fill(dsn, 2)
+    for attempt in (1, 2):
+        with Claimer(dsn, owner=f"doomed{attempt}", lease_seconds=0.2, max_attempts=2) as w:
+            batch = w.claim(limit=1)
+            assert batch.ids == [poison] and batch.claims[0].attempt == attempt
+        time.sleep(0.3)  # the worker "died" holding the row: its lease runs out
+    with Claimer(dsn, owner="survivor", lease_seconds=60, max_attempts=2) as w:
+        batch = w.claim()
+        assert batch.ids == [healthy]  # the exhausted row is not handed out again
+        assert w.parked == 1
+    r = row(dsn, poison)
+    assert r["status"] == "failed" and r["attempts"] == 2
+    assert "lease expired after attempt 2" in r["last_error"]
+    assert requeue(dsn) == 1
     assert_no_leaks(dsn)
 
 

@@ -18,6 +18,7 @@ The protocol and its proofs are in ``docs/claiming.md``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,6 +144,9 @@ class Claimer:
         #: Claim statements rolled back because a row locked was claimed by someone else
         #: between the statement's snapshot and its lock (see docs/claiming.md).
         self.race_rollbacks = 0
+        #: Rows this claimer parked because their lease ran out ``max_attempts`` times.
+        self.parked = 0
+        self._next_park = 0.0
         self._queries = load("claim")
         self._own_pool = isinstance(conninfo, str)
         if isinstance(conninfo, str):
@@ -204,7 +208,13 @@ class Claimer:
         return batch
 
     def _claim_attempts(self, conn: Conn, n: int, *, savepoint: bool) -> Batch:
-        lock_params = {"scan": n * self.scan_factor, "batch": n, "namespace": NAMESPACE_CLAIM}
+        lock_params = {
+            "scan": n * self.scan_factor,
+            "batch": n,
+            "namespace": NAMESPACE_CLAIM,
+            "max_attempts": self.max_attempts,
+        }
+        self._park_exhausted(conn)
         q = self._queries
         for _ in range(self.retries + 5):
             if savepoint:
@@ -212,7 +222,7 @@ class Claimer:
             locked = [r[0] for r in conn.execute(q["claim_lock"], lock_params)]
             claimed: list[tuple[Any, ...]] = []
             if locked:
-                ids = {"ids": locked}
+                ids = {"ids": locked, "max_attempts": self.max_attempts}
                 eligible = len(conn.execute(q["claim_check"], ids).fetchall())
                 if eligible == len(locked):
                     take = {**ids, "owner": self.owner, "lease": self.lease_seconds}
@@ -237,6 +247,25 @@ class Claimer:
                 conn.rollback()
         logger.warning("claim kept racing with other claimers; returning an empty batch")
         return self._batch([])
+
+    def _park_exhausted(self, conn: Conn) -> None:
+        """Park rows whose lease expired ``max_attempts`` times, at most once per
+        ``lease_seconds / 4`` per claimer (a range scan of the expired leases)."""
+        now = time.monotonic()
+        if now < self._next_park:
+            return
+        self._next_park = now + self.lease_seconds / 4
+        parked = conn.execute(
+            self._queries["park_exhausted"], {"max_attempts": self.max_attempts}
+        ).fetchall()
+        if parked:
+            self.parked += len(parked)
+            logger.warning(
+                "parked %d rows whose lease expired %d times: %s",
+                len(parked),
+                self.max_attempts,
+                [r[0] for r in parked][:20],
+            )
 
     def _batch(self, rows: Sequence[tuple[Any, ...]]) -> Batch:
         # rows: (id, token, attempts, link, data, priority, lease_until)

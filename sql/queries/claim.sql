@@ -23,6 +23,7 @@ WITH candidates AS MATERIALIZED (
     (SELECT e.id, e.priority
      FROM results AS e
      WHERE e.status = 'claimed' AND e.lease_until < now()
+       AND e.attempts < %(max_attempts)s
      ORDER BY e.priority DESC, e.id
      LIMIT %(scan)s)
     ORDER BY priority DESC, id
@@ -45,7 +46,8 @@ SELECT l.id FROM locked AS l;
 SELECT r.id
 FROM results AS r
 WHERE r.id = ANY (%(ids)s::bigint[])
-  AND (r.status = 'pending' OR (r.status = 'claimed' AND r.lease_until < now()));
+  AND (r.status = 'pending'
+       OR (r.status = 'claimed' AND r.lease_until < now() AND r.attempts < %(max_attempts)s));
 
 -- name: claim_take
 -- Third statement of a claim: take the checked rows, by primary key, under one new
@@ -63,8 +65,26 @@ SET status = 'claimed',
     attempts = r.attempts + 1
 FROM fence AS f
 WHERE r.id = ANY (%(ids)s::bigint[])
-  AND (r.status = 'pending' OR (r.status = 'claimed' AND r.lease_until < now()))
+  AND (r.status = 'pending'
+       OR (r.status = 'claimed' AND r.lease_until < now() AND r.attempts < %(max_attempts)s))
 RETURNING r.id, r.claim_token, r.attempts, r.link, r.data, r.priority, r.lease_until;
+
+-- name: park_exhausted
+-- Rows whose lease ran out max_attempts times were held by workers that died or hung on
+-- them (a page that crashes the parser kills every worker that takes it): parked as
+-- failed like rows that failed max_attempts times, so they stop taking workers down.
+-- A range scan of results_lease_idx over the expired leases only; the lock-timeout-free
+-- row locks are brief, and a claimer that loses the race just finds nothing to park.
+UPDATE results AS r
+SET status = 'failed',
+    last_error = left(coalesce(r.last_error || '; ', '')
+        || 'lease expired after attempt ' || r.attempts || ' (worker lost or stuck)', 2000),
+    lease_until = NULL,
+    claim_owner = NULL
+WHERE r.status = 'claimed'
+  AND r.lease_until < now()
+  AND r.attempts >= %(max_attempts)s
+RETURNING r.id;
 
 -- name: complete
 -- One statement per batch (a batch has one token): the rows are found by primary key
