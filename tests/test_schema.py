@@ -277,12 +277,19 @@ def test_dashboard_view_and_stats_function(postgresql: psycopg.Connection[Any]) 
     postgresql.execute(
         "INSERT INTO results (data, status) VALUES ('{}', 'done'), ('{}', 'pending')"
     )
+    postgresql.execute(
+        "INSERT INTO results (data, status, claim_owner, claim_token, lease_until) VALUES "
+        "('{}', 'claimed', 'w', 1, now() + interval '1 hour'), "
+        "('{}', 'claimed', 'dead', 2, now() - interval '1 minute')"
+    )
     insert(postgresql, contact("https://maps.example.com/d", emails=["a@b.c"], country_code="ID"))
     cur = postgresql.execute("SELECT * FROM zen_v_dashboard")
     assert cur.description is not None
     row = dict(zip([d.name for d in cur.description], cur.fetchone() or (), strict=True))
-    assert row["source_total"] == 2
+    assert row["source_total"] == 4
     assert row["source_done"] == 1
+    assert row["source_claimed"] == 1
+    assert row["source_lease_expired"] == 1
     assert row["contacts_with_email"] == 1
     assert row["emails_total"] == 1
     assert row["rows_written_24h"] == 13

@@ -71,6 +71,7 @@ SELECT
     r.source_total,
     r.source_pending,
     r.source_claimed,
+    r.source_lease_expired,
     r.source_done,
     r.source_failed,
     c.contacts_total,
@@ -87,7 +88,11 @@ SELECT
 FROM
     (SELECT count(*)                                   AS source_total,
             count(*) FILTER (WHERE status = 'pending') AS source_pending,
-            count(*) FILTER (WHERE status = 'claimed') AS source_claimed,
+            count(*) FILTER (WHERE status = 'claimed' AND lease_until >= now())
+                                                       AS source_claimed,
+            -- held by a worker that died or hangs: claimable again
+            count(*) FILTER (WHERE status = 'claimed' AND lease_until < now())
+                                                       AS source_lease_expired,
             count(*) FILTER (WHERE status = 'done')    AS source_done,
             count(*) FILTER (WHERE status = 'failed')  AS source_failed
      FROM results) AS r,
