@@ -222,14 +222,16 @@ class Claimer:
             locked = [r[0] for r in conn.execute(q["claim_lock"], lock_params)]
             claimed: list[tuple[Any, ...]] = []
             if locked:
-                ids = {"ids": locked, "max_attempts": self.max_attempts}
-                eligible = len(conn.execute(q["claim_check"], ids).fetchall())
-                if eligible == len(locked):
-                    take = {**ids, "owner": self.owner, "lease": self.lease_seconds}
-                    cur = conn.cursor()
-                    # orjson parses the rows' raw data several times faster than json.
-                    set_json_loads(orjson.loads, cur)
-                    claimed = cur.execute(q["claim_take"], take).fetchall()
+                take = {
+                    "ids": locked,
+                    "owner": self.owner,
+                    "lease": self.lease_seconds,
+                    "max_attempts": self.max_attempts,
+                }
+                cur = conn.cursor()
+                # orjson parses the rows' raw data several times faster than json.
+                set_json_loads(orjson.loads, cur)
+                claimed = cur.execute(q["claim_take"], take).fetchall()
             if len(locked) == len(claimed):
                 if savepoint:
                     conn.execute(q["release"])
@@ -237,9 +239,7 @@ class Claimer:
             # A locked row was claimed (or settled) by a transaction that committed after
             # the lock statement's snapshot: drop every lock taken and look again.
             self.race_rollbacks += 1
-            logger.debug(
-                "claim locked %d rows, %d still eligible: retrying", len(locked), len(claimed)
-            )
+            logger.debug("claim locked %d rows but took %d: retrying", len(locked), len(claimed))
             if savepoint:
                 conn.execute(q["rollback_to"])
                 conn.execute(q["release"])

@@ -37,23 +37,14 @@ locked AS MATERIALIZED (
 )
 SELECT l.id FROM locked AS l;
 
--- name: claim_check
--- Second statement of a claim: which locked rows are still eligible, read with a snapshot
--- newer than every lock we hold. A row that is not (another claim of it committed
--- between the lock statement's snapshot and our lock) makes the caller roll back to its
--- savepoint, releasing every lock, and claim again, so a claim never holds more locks
--- than rows it returns. Reading first keeps that race cheap: nothing was written yet.
-SELECT r.id
-FROM results AS r
-WHERE r.id = ANY (%(ids)s::bigint[])
-  AND (r.status = 'pending'
-       OR (r.status = 'claimed' AND r.lease_until < now() AND r.attempts < %(max_attempts)s));
-
 -- name: claim_take
--- Third statement of a claim: take the checked rows, by primary key, under one new
--- fencing token. Other claimers cannot take them (we hold their locks); only the
--- settling of an expired lease by its old owner can still change one, and the caller
--- then rolls back as after a race.
+-- Second statement of a claim: take the locked rows that are still eligible, by primary
+-- key, under one new fencing token. Its snapshot is newer than every lock we hold, so a
+-- row another claim committed between the lock statement's snapshot and our lock is
+-- simply not eligible here (never reached through EvalPlanQual, which would leave a row
+-- lock on it). The caller compares the rows taken with the locks held and, when fewer,
+-- rolls back (releasing every lock) and claims again, so a claim never holds more locks
+-- than rows it returns.
 WITH fence AS MATERIALIZED (
     SELECT nextval('results_claim_token_seq') AS token
 )
