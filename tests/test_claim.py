@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import assert_no_leaks
 from psycopg.types.json import Jsonb
 
 from zenpipe import cli
@@ -47,17 +48,6 @@ def claim_locks(conn: Conn, pid: int | None = None) -> int:
     ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def assert_no_leaks(dsn: str) -> None:
-    """No zenpipe advisory lock held and no idle-in-transaction session on the database."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert claim_locks(conn) == 0
-        idle = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND state LIKE 'idle in transaction%%'"
-        ).fetchone()
-        assert idle is not None and idle[0] == 0
 
 
 def statuses(dsn: str) -> dict[str, int]:
@@ -532,3 +522,20 @@ def test_jsonb_data_round_trips(dsn: str, claimer: Claimer) -> None:
     (c,) = claimer.claim().claims
     assert c.link is None and c.data == {"name": "Café ☕", "tags": [1, 2], "nested": {"a": None}}
     claimer.complete(Batch(claimer.owner, (c,), claimer.claim().lease_until))
+
+
+def test_leak_check_sees_an_open_claim(dsn: str) -> None:
+    """The check every test ends with can fail: an open claim transaction shows up as
+    its locks and, once idle, as an idle-in-transaction session."""
+    from zenpipe.locks import leftovers
+
+    fill(dsn, 5)
+    with Claimer(dsn, owner="open") as c, psycopg.connect(dsn) as conn:
+        batch = c.claim(conn=conn)
+        with psycopg.connect(dsn, autocommit=True) as monitor:
+            left = leftovers(monitor)
+        assert left.advisory_locks == len(batch) == 5
+        assert left.idle_in_transaction == 1
+        assert left
+        conn.rollback()
+    assert_no_leaks(dsn)

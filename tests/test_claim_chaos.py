@@ -18,8 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from zenpipe.locks import NAMESPACE_CLAIM
+from helpers import assert_no_leaks
 
 pytestmark = pytest.mark.slow
 
@@ -181,26 +180,6 @@ def assert_exactly_once(dsn: str, rows: int) -> None:
             "WHERE claimed_at < prev_end",
         )
         assert overlapping == 0
-
-
-def assert_no_leaks(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert (
-            one(
-                conn,
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
-                (NAMESPACE_CLAIM,),
-            )
-            == 0
-        )
-        assert (
-            one(
-                conn,
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND state LIKE 'idle in transaction%%'",
-            )
-            == 0
-        )
 
 
 def test_many_processes_claim_every_row_exactly_once(dsn: str) -> None:

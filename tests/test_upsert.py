@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 import re
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from helpers import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -370,16 +370,6 @@ def _waiting_pids(conn: psycopg.Connection[Any]) -> list[int]:
     return [r[0] for r in rows]
 
 
-def _wait_for(cond: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_terminated_backend_mid_write_is_retried_and_lands_once(
     dsn: str, postgresql: psycopg.Connection[Any]
 ) -> None:
@@ -393,10 +383,10 @@ def test_terminated_backend_mid_write_is_retried_and_lands_once(
         batch = [{"source_link": link, "emails": ["b@x.com"]}, {"source_link": "https://term/2"}]
         t = threading.Thread(target=lambda: result.setdefault("r", up.upsert(batch)))
         t.start()
-        victim = _wait_for(lambda: _waiting_pids(postgresql))[0]
+        victim = wait_for(lambda: _waiting_pids(postgresql))[0]
         assert one(postgresql, "SELECT pg_terminate_backend(%s)", victim) is True
         # The retry blocks on the same lock again; release it once it waits.
-        _wait_for(lambda: [p for p in _waiting_pids(postgresql) if p != victim])
+        wait_for(lambda: [p for p in _waiting_pids(postgresql) if p != victim])
         blocker.rollback()
         blocker.close()
         t.join(60)

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import wait_for
 
 # A worker: claim every pending row, merge the contacts and mark the rows done in one
 # transaction (Upserter.upsert_and_complete), then exit 0.
@@ -38,16 +39,6 @@ def _scalar(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
     conn.rollback()
     assert row is not None
     return row[0] if len(row) == 1 else row
-
-
-def _wait_for(cond: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def _worker(dsn: str, owner: str) -> subprocess.Popen[str]:
@@ -93,7 +84,7 @@ def test_sigkill_mid_transaction_leaves_nothing_and_rows_are_written_once(
                 "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO zen_contacts%'"
             ).fetchall()
 
-        waiting = _wait_for(blocked)
+        waiting = wait_for(blocked)
         db.rollback()
         victim = waiting[0][0]
         # The worker is mid-transaction: staged, merging, claims not yet completed.
@@ -107,7 +98,7 @@ def test_sigkill_mid_transaction_leaves_nothing_and_rows_are_written_once(
     blocker.rollback()
     blocker.close()
     # Its backend finds the client gone and rolls back.
-    _wait_for(
+    wait_for(
         lambda: not _scalar(db, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", victim)
     )
 

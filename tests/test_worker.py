@@ -11,10 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import assert_no_leaks
 
 from zenpipe import demo
 from zenpipe.claim import Claim, Claimer
-from zenpipe.locks import NAMESPACE_CLAIM
 from zenpipe.worker import Worker
 
 
@@ -23,25 +23,6 @@ def one(dsn: str, query: str, params: Any = None) -> Any:
         row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0] if len(row) == 1 else row
-
-
-def assert_no_leaks(dsn: str) -> None:
-    assert (
-        one(
-            dsn,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
-            (NAMESPACE_CLAIM,),
-        )
-        == 0
-    )
-    assert (
-        one(
-            dsn,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state LIKE 'idle in transaction%%'",
-        )
-        == 0
-    )
 
 
 def test_worker_writes_contacts_and_settles_every_row(dsn: str) -> None:

@@ -22,7 +22,7 @@ import orjson
 import psycopg
 
 from .claim import Claim
-from .locks import NAMESPACE_CLAIM
+from .locks import leftovers
 from .pool import ZenPool
 from .queries import load
 from .worker import Worker, WorkerStats
@@ -159,7 +159,8 @@ def run(dsn: str, *, rows: int, servers: int, workers: int, batch: int = 200) ->
         # Aggregates: each statement returns exactly one row.
         done, parked, left_over, valid_links = _one_row(conn, q["results_by_status"])
         contacts, writes, rejects = _one_row(conn, q["contacts_and_rejects"])
-        locks, idle = _one_row(conn, q["leftovers"], {"namespace": NAMESPACE_CLAIM})
+        left = leftovers(conn)
+        locks, idle = left.advisory_locks, left.idle_in_transaction
     checks = {
         "rows_done": done,
         "rows_parked_failed": parked,

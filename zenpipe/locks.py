@@ -7,7 +7,21 @@ namespaces below as the first key.  The two-key space never overlaps the one-key
 
 from __future__ import annotations
 
-__all__ = ["ALL_NAMESPACES", "NAMESPACE_CLAIM", "NAMESPACE_FLEET", "NAMESPACE_MIGRATION"]
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .queries import load
+
+__all__ = [
+    "ALL_NAMESPACES",
+    "NAMESPACE_CLAIM",
+    "NAMESPACE_FLEET",
+    "NAMESPACE_MIGRATION",
+    "Leftovers",
+    "leftovers",
+]
 
 #: ``b"ZEN\x00"``: schema migrations (one session lock around a migration run).
 NAMESPACE_MIGRATION = 0x5A454E00
@@ -17,3 +31,28 @@ NAMESPACE_CLAIM = 0x5A454E01
 NAMESPACE_FLEET = 0x5A454E02
 
 ALL_NAMESPACES = (NAMESPACE_MIGRATION, NAMESPACE_CLAIM, NAMESPACE_FLEET)
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What a finished run must not leave behind on its database."""
+
+    advisory_locks: int
+    idle_in_transaction: int
+
+    def __bool__(self) -> bool:
+        return bool(self.advisory_locks or self.idle_in_transaction)
+
+
+def leftovers(conn: psycopg.Connection[Any]) -> Leftovers:
+    """Count zenpipe advisory locks (every namespace) and idle-in-transaction sessions
+    on *conn*'s database, *conn*'s own session excluded.
+
+    Both should be zero whenever no claim is in flight: transaction locks end with their
+    transaction, and zenpipe never leaves one open (tests, the demo and monitoring use
+    this to prove it).
+    """
+    row = conn.execute(load("locks")["leftovers"], {"namespaces": list(ALL_NAMESPACES)}).fetchone()
+    if row is None:  # pragma: no cover - an aggregate always returns a row
+        raise RuntimeError("leftovers query returned no row")
+    return Leftovers(int(row[0]), int(row[1]))

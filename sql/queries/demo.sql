@@ -12,11 +12,3 @@ FROM results;
 SELECT (SELECT count(*) FROM zen_contacts)                   AS contacts,
        (SELECT coalesce(sum(scrape_count), 0) FROM zen_contacts) AS writes,
        (SELECT count(*) FROM zen_rejects)                    AS rejects;
-
--- name: leftovers
--- Nothing may outlive a run: no claim lock, no transaction left open.
-SELECT (SELECT count(*) FROM pg_locks
-        WHERE locktype = 'advisory' AND classid = %(namespace)s)       AS locks,
-       (SELECT count(*) FROM pg_stat_activity
-        WHERE datname = current_database()
-          AND state LIKE 'idle in transaction%%')                      AS idle_in_transaction;
