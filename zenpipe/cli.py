@@ -77,16 +77,13 @@ def _print_inventory(dsn: str) -> None:
 
 def _cmd_schema_status(args: argparse.Namespace) -> int:
     with _database(args.dsn) as dsn:
-        applied = schema.status(dsn)
-        done = {m.version for m in applied}
-        for m in applied:
+        for m in schema.status(dsn):
             print(
                 f"{m.version:04d}_{m.name}  applied {m.applied_at:%Y-%m-%d %H:%M:%S}  "
                 f"{m.checksum[:12]}"
             )
-        for p in schema.load_migrations():
-            if p.version not in done:
-                print(f"{p.label}  pending")
+        for p in schema.pending(dsn):
+            print(f"{p.label}  pending")
     return 0
 
 

@@ -90,6 +90,23 @@ def _hash_bytes(data: bytes) -> int:
     return _final(a, b, c)[2]
 
 
+def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    """lookup3 ``mix``; `_hash_bytes` has it written out in its loop for speed."""
+    a = ((a - c) & _M32) ^ (((c << 4) & _M32) | (c >> 28))
+    c = (c + b) & _M32
+    b = ((b - a) & _M32) ^ (((a << 6) & _M32) | (a >> 26))
+    a = (a + c) & _M32
+    c = ((c - b) & _M32) ^ (((b << 8) & _M32) | (b >> 24))
+    b = (b + a) & _M32
+    a = ((a - c) & _M32) ^ (((c << 16) & _M32) | (c >> 16))
+    c = (c + b) & _M32
+    b = ((b - a) & _M32) ^ (((a << 19) & _M32) | (a >> 13))
+    a = (a + c) & _M32
+    c = ((c - b) & _M32) ^ (((b << 4) & _M32) | (b >> 28))
+    b = (b + a) & _M32
+    return a, b, c
+
+
 def _final(a: int, b: int, c: int) -> tuple[int, int, int]:
     c ^= b
     c = (c - ((b << 14) | (b >> 18))) & _M32
@@ -126,27 +143,7 @@ def _hashint4extended(value: int, seed: int) -> int:
     """``hashint4extended(value, seed)`` (``hash_uint32_extended``), unsigned 64-bit."""
     a = b = c = (_GOLDEN + 4) & _M32
     if seed:
-        a = (a + (seed >> 32)) & _M32
-        b = (b + (seed & _M32)) & _M32
-        # mix(a, b, c)
-        a = (a - c) & _M32
-        a ^= ((c << 4) | (c >> 28)) & _M32
-        c = (c + b) & _M32
-        b = (b - a) & _M32
-        b ^= ((a << 6) | (a >> 26)) & _M32
-        a = (a + c) & _M32
-        c = (c - b) & _M32
-        c ^= ((b << 8) | (b >> 24)) & _M32
-        b = (b + a) & _M32
-        a = (a - c) & _M32
-        a ^= ((c << 16) | (c >> 16)) & _M32
-        c = (c + b) & _M32
-        b = (b - a) & _M32
-        b ^= ((a << 19) | (a >> 13)) & _M32
-        a = (a + c) & _M32
-        c = (c - b) & _M32
-        c ^= ((b << 4) | (b >> 28)) & _M32
-        b = (b + a) & _M32
+        a, b, c = _mix((a + (seed >> 32)) & _M32, (b + (seed & _M32)) & _M32, c)
     a = (a + (value & _M32)) & _M32
     a, b, c = _final(a, b, c)
     return (b << 32) | c
