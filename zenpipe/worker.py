@@ -101,27 +101,30 @@ class Worker:
         self.enrich = enrich
         self.idle_sleep = idle_sleep
         self.stats = WorkerStats()
-        self.claimer = Claimer(
-            conninfo,
-            owner=f"{server_id}/{name}",
-            batch_size=batch_size,
-            lease_seconds=lease_seconds,
-            max_attempts=max_attempts,
-        )
-        self.upserter = Upserter(conninfo, server_id=server_id)
-        # Bookkeeping (zen_jobs, zen_stats_hourly) runs after the batch has committed.
+        # One pool for the claimer, the upserter and the bookkeeping: a DSN gets a small
+        # pool of the worker's own (two connections: the lease keeper may extend while
+        # the main thread settles), a pool passed in is shared as it is.
         self._own_pool = isinstance(conninfo, str)
         self._pool: ConnectionPool[Any] = (
             ConnectionPool(
                 conninfo,
                 min_size=1,
-                max_size=1,
+                max_size=2,
                 kwargs={"prepare_threshold": None},
                 open=True,
+                name=f"zenpipe-worker-{server_id}/{name}",
             )
             if isinstance(conninfo, str)
             else conninfo
         )
+        self.claimer = Claimer(
+            self._pool,
+            owner=f"{server_id}/{name}",
+            batch_size=batch_size,
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+        )
+        self.upserter = Upserter(self._pool, server_id=server_id)
         self._queries = load("worker")
 
     def close(self) -> None:
