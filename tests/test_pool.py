@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -26,7 +27,15 @@ from zenpipe.errors import (
     ServerIdInUse,
     ZenpipeError,
 )
-from zenpipe.pool import NAMESPACE_FLEET, Budget, FleetMember, ZenPool, fleet_status
+from zenpipe.pool import (
+    NAMESPACE_FLEET,
+    Budget,
+    FleetMember,
+    ZenPool,
+    detect_pgbouncer,
+    fleet_status,
+    guarded_pool,
+)
 
 
 def _settings(dsn: str, **kw: Any) -> Settings:
@@ -36,7 +45,10 @@ def _settings(dsn: str, **kw: Any) -> Settings:
         "pool_min": 1,
         "pool_max": 3,
         "pool_timeout": 10.0,
+        # Beats every 0.2 s, but a lease of 30 s: a loaded machine must not expire a
+        # row by accident (tests that need an expired row force expires_at).
         "heartbeat_interval": 0.2,
+        "heartbeat_misses": 150,
     }
     base.update(kw)
     return Settings(**base)
@@ -537,3 +549,364 @@ def test_claimer_and_upserter_share_a_zenpool_through_pgbouncer(
         "SELECT count(*) FILTER (WHERE status = 'done'), count(*) FROM results"
     ).fetchone() == (40, 40)
     assert admin.execute("SELECT count(*) FROM zen_contacts").fetchone() == (40,)
+
+
+# -- 6. eviction, identity, history (issue 8, points 13 and 14) ----------------------
+
+
+def _fleet_backends(conn: psycopg.Connection[Any], *server_ids: str) -> int:
+    """Open connections (pool and control) of the given servers, from pg_stat_activity."""
+    names = [f"zenpipe:{sid}" for sid in server_ids] + [f"zenpipe-ctl:{sid}" for sid in server_ids]
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(%s)", (names,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _expire(conn: psycopg.Connection[Any], server_id: str) -> None:
+    conn.execute(
+        "UPDATE zen_servers SET last_heartbeat = now() - interval '1 hour',"
+        " expires_at = now() - interval '1 second' WHERE server_id = %s",
+        (server_id,),
+    )
+
+
+def test_evicted_server_shrinks_to_its_floor_and_stays_within_budget(
+    dsn: str, admin: psycopg.Connection[Any]
+) -> None:
+    budget = 8
+    a = _settings(dsn, pool_min=3, pool_max=3, pool_floor=1, fleet_budget=budget,
+                  heartbeat_interval=60)  # fmt: skip
+    b = _settings(dsn, pool_min=5, pool_max=5, pool_floor=1, fleet_budget=budget,
+                  heartbeat_interval=60)  # fmt: skip
+    assert a.server_id is not None and b.server_id is not None
+    with ZenPool(a) as pool_a:
+        pool_a.wait(timeout=30)
+        assert pool_a.fleet is not None
+        _wait_until(lambda: _fleet_backends(admin, a.server_id or "") == 4)
+        # A stall longer than the lease: A's row expires, its 3 + 1 connections are
+        # free in the registry, and B and C take the whole budget (5 + 1, 1 + 1).
+        _expire(admin, a.server_id)
+        with ZenPool(b) as pool_b:
+            pool_b.wait(timeout=30)
+            assert pool_b.max_size == 5
+            c = FleetMember(_settings(dsn, fleet_budget=budget), server_id="c-takes-the-rest")
+            assert c.register(pool_max=1, pool_floor=1) == 1
+            # A's next heartbeat finds its row expired; re-registering is refused (no
+            # share left): the pool must drop to its floor, not run on at full size.
+            with pytest.raises(FleetBudgetExceeded):
+                pool_a.fleet.beat()
+            assert pool_a.max_size == 1 and pool_a.fleet.evictions == 1
+            _wait_until(lambda: _fleet_backends(admin, a.server_id or "") == 2)
+            # C leaves: A's next heartbeat is granted a share again (what is left: 1).
+            c.stop()
+            pool_a.fleet.beat()
+            assert pool_a.max_size == 1
+            live = admin.execute(
+                "SELECT sum(pool_size + 1) FROM zen_servers WHERE expires_at > now()"
+            ).fetchone()
+            assert live == (budget,)
+            _wait_until(lambda: _fleet_backends(admin, a.server_id or "", b.server_id or "") == 8)
+            assert _fleet_backends(admin, a.server_id, b.server_id) <= budget
+            with pool_a.connection() as conn:  # still serving, at its floor
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_heartbeat_waits_for_the_registration_lock(
+    dsn: str, admin: psycopg.Connection[Any]
+) -> None:
+    """A heartbeat cannot revive a row while a registration is counting the fleet: it
+    takes the fleet lock in shared mode, registration takes it exclusively."""
+    m = FleetMember(_settings(dsn, heartbeat_interval=60), server_id="beater")
+    m.register(pool_max=2, pool_floor=0)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def beat() -> None:
+        try:
+            m.beat()
+        except BaseException as e:
+            errors.append(e)
+        done.set()
+
+    try:
+        with admin.transaction():
+            admin.execute("SELECT pg_advisory_xact_lock(%s, 1)", (NAMESPACE_FLEET,))
+            t = threading.Thread(target=beat)
+            t.start()
+            _wait_until(
+                lambda: (
+                    admin.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND NOT granted AND mode = 'ShareLock'"
+                        " AND classid = %s::bigint::oid AND objid = 1 AND objsubid = 2",
+                        (NAMESPACE_FLEET,),
+                    ).fetchone()
+                    == (1,)
+                )
+            )
+            assert not done.is_set()
+            # The "registration" counts the row out meanwhile.
+            _expire(admin, "beater")
+        t.join(timeout=30)
+        assert done.is_set() and errors == []
+        # The waiting heartbeat did not revive the row: it registered again instead.
+        assert m.evictions == 1
+    finally:
+        m.stop()
+
+
+def test_same_host_and_pid_do_not_take_over_each_others_row(
+    dsn: str, admin: psycopg.Connection[Any]
+) -> None:
+    """Two pools in one process share host and pid, as two containers with pid 1 on
+    one hostname do: neither may take over the other's row."""
+    # Default server ids: each pool gets its own row.
+    first = ZenPool(_settings(dsn, server_id=None), fleet=True)
+    try:
+        second = ZenPool(_settings(dsn, server_id=None), fleet=True)
+        try:
+            assert first.server_id != second.server_id
+            rows = admin.execute(
+                "SELECT count(*), count(DISTINCT instance_id) FROM zen_servers"
+                " WHERE expires_at > now()"
+            ).fetchone()
+            assert rows == (2, 2)
+        finally:
+            second.close()
+        assert first.fleet is not None
+        first.fleet.beat()  # its row is still its own
+        assert first.fleet.evictions == 0
+    finally:
+        first.close()
+    # The same explicit id: the second is refused, the first's row is untouched.
+    s = _settings(dsn, server_id="twin", pool_max=3)
+    with ZenPool(s) as one:
+        before = admin.execute(
+            "SELECT instance_id, pool_size FROM zen_servers WHERE server_id = 'twin'"
+        ).fetchone()
+        with pytest.raises(ServerIdInUse, match="twin"):
+            ZenPool(_settings(dsn, server_id="twin", pool_max=2))
+        after = admin.execute(
+            "SELECT instance_id, pool_size FROM zen_servers WHERE server_id = 'twin'"
+        ).fetchone()
+        assert after == before and after is not None and after[1] == 3
+        assert one.fleet is not None
+        one.fleet.beat()
+        assert one.fleet.evictions == 0
+
+
+def test_job_history_survives_a_clean_shutdown(dsn: str, admin: psycopg.Connection[Any]) -> None:
+    s = _settings(dsn, server_id="historian")
+    with ZenPool(s):
+        admin.execute(
+            "INSERT INTO zen_jobs (server_id, status, finished_at, rows_claimed)"
+            " VALUES ('historian', 'done', now(), 7)"
+        )
+    assert admin.execute("SELECT count(*) FROM zen_servers").fetchone() == (0,)
+    assert admin.execute("SELECT server_id, rows_claimed FROM zen_jobs").fetchall() == [
+        ("historian", 7)
+    ]
+
+
+def test_registration_with_many_jobs_of_an_expired_server(
+    dsn: str, admin: psycopg.Connection[Any]
+) -> None:
+    """A crashed server with a long job history: its row is purged (outside the
+    registration lock) and nothing cascades into zen_jobs."""
+    admin.execute(
+        "INSERT INTO zen_servers (server_id, host, pid, pool_size, version, started_at,"
+        " last_heartbeat, expires_at) VALUES ('crashed', 'gone', 4242, 4, 'x',"
+        " now() - interval '3 hours', now() - interval '3 hours', now() - interval '2 hours')"
+    )
+    admin.execute(
+        "INSERT INTO zen_jobs (server_id, status, started_at, finished_at)"
+        " SELECT 'crashed', 'done', now() - interval '3 hours', now() - interval '3 hours'"
+        " FROM generate_series(1, 200000)"
+    )
+    # No foreign key references zen_servers: deleting a server row touches no job.
+    assert admin.execute(
+        "SELECT count(*) FROM pg_constraint WHERE confrelid = 'zen_servers'::regclass"
+    ).fetchone() == (0,)
+    with ZenPool(_settings(dsn, server_id="fresh", pool_max=2)) as pool:
+        assert pool.max_size == 2
+        _wait_until(
+            lambda: (
+                admin.execute(
+                    "SELECT count(*) FROM zen_servers WHERE server_id = 'crashed'"
+                ).fetchone()
+                == (0,)
+            )
+        )
+    assert admin.execute(
+        "SELECT count(*) FROM zen_jobs WHERE server_id = 'crashed'"
+    ).fetchone() == (200000,)
+
+
+def test_deleting_a_results_row_uses_an_index_on_every_contacts_partition(
+    dsn: str, admin: psycopg.Connection[Any]
+) -> None:
+    """zen_contacts.source_id references results(id) ON DELETE SET NULL: the cascade
+    looks the rows up by source_id in every partition, so each needs an index on it."""
+    leaves = admin.execute(
+        """
+        SELECT c.relname,
+               EXISTS (SELECT 1 FROM pg_index x
+                       WHERE x.indrelid = c.oid AND x.indisvalid
+                         AND x.indkey[0] = (SELECT attnum FROM pg_attribute
+                                            WHERE attrelid = c.oid AND attname = 'source_id'))
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'zen_contacts'::regclass
+        """
+    ).fetchall()
+    assert len(leaves) == 32
+    assert [name for name, indexed in leaves if not indexed] == []
+    # The statement the foreign key's trigger runs, planned generically as the trigger
+    # plans it: with sequential scans discouraged, an unindexed partition still shows
+    # a Seq Scan.
+    with admin.transaction():
+        admin.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        admin.execute("SET LOCAL enable_seqscan = off")
+        admin.execute(
+            "PREPARE setnull(bigint) AS"
+            " UPDATE zen_contacts SET source_id = NULL WHERE $1 = source_id"
+        )
+        plan = "\n".join(r[0] for r in admin.execute("EXPLAIN EXECUTE setnull(1)").fetchall())
+        admin.execute("DEALLOCATE setnull")
+    assert "Seq Scan" not in plan, plan
+    assert "Index" in plan
+    # And the delete itself works (the contact keeps its row, loses the reference).
+    rid = admin.execute(
+        "INSERT INTO results (link, data) VALUES ('https://maps.example.com/x', '{}') RETURNING id"
+    ).fetchone()
+    assert rid is not None
+    from zenpipe import keys
+
+    link = "https://maps.example.com/x"
+    admin.execute(
+        "INSERT INTO zen_contacts (source_link, partition_key, source_id) VALUES (%s, %s, %s)",
+        (link, keys.partition_key(link), rid[0]),
+    )
+    admin.execute("DELETE FROM results WHERE id = %s", (rid[0],))
+    assert admin.execute("SELECT source_id FROM zen_contacts").fetchall() == [(None,)]
+
+
+# -- 7. one connection policy: guarded_pool and the PgBouncer probe (point 15) -----------
+
+
+class _Forwarder(threading.Thread):
+    """A transparent TCP proxy on a port of its own (as a Docker port mapping or a
+    TCP load balancer): not a PgBouncer, sessions stay sessions."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(daemon=True)
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.halt.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        with a, b:
+            while not self.halt.is_set():
+                ready, _, _ = select.select([a, b], [], [], 0.2)
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (b if src is a else a).sendall(data)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=10)
+        self.listener.close()
+
+
+@pytest.mark.pgbouncer
+def test_pgbouncer_probe_tells_a_bouncer_from_a_port_forward(dsn: str, pgbouncer_dsn: str) -> None:
+    with psycopg.connect(pgbouncer_dsn, autocommit=True, prepare_threshold=None) as conn:
+        assert detect_pgbouncer(conn) is True
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        assert detect_pgbouncer(conn) is False
+        host, port = conn.info.host, conn.info.port
+    forward = _Forwarder(host, port)
+    forward.start()
+    try:
+        proxied = psycopg.conninfo.make_conninfo(dsn, port=forward.port)
+        with psycopg.connect(proxied, autocommit=True, prepare_threshold=None) as conn:
+            assert conn.info.port != port
+            assert detect_pgbouncer(conn) is False  # a port of its own, but not a bouncer
+    finally:
+        forward.stop()
+
+
+def _timeouts(conn: psycopg.Connection[Any]) -> tuple[str, str, str]:
+    row = conn.execute("SHOW statement_timeout").fetchone()
+    lock = conn.execute("SHOW lock_timeout").fetchone()
+    idle = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+    assert row is not None and lock is not None and idle is not None
+    return (row[0], lock[0], idle[0])
+
+
+def _lock_wait_raises(
+    pool: psycopg_pool.ConnectionPool[Any], admin: psycopg.Connection[Any]
+) -> None:
+    admin.execute("CREATE TABLE IF NOT EXISTS t_stuck (id int)")
+    with admin.transaction():  # a stuck transaction holding the table
+        admin.execute("LOCK TABLE t_stuck IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(psycopg.errors.LockNotAvailable), pool.connection() as conn:
+            conn.execute("SELECT * FROM t_stuck")
+
+
+@pytest.mark.parametrize("mode", [None, False, True])
+def test_guarded_pool_carries_the_timeouts(
+    dsn: str, admin: psycopg.Connection[Any], mode: bool | None
+) -> None:
+    s = Settings(statement_timeout="4s", lock_timeout="300ms", idle_in_tx_timeout="20s",
+                 pgbouncer=mode)  # fmt: skip
+    with guarded_pool(dsn, name="claimer-test", min_size=1, max_size=2, settings=s) as pool:
+        assert isinstance(pool, psycopg_pool.ConnectionPool)
+        assert (pool.min_size, pool.max_size) == (1, 2)
+        with pool.connection() as conn:
+            assert _timeouts(conn) == ("4s", "300ms", "20s")
+            # Prepared statements only when known to be direct (told, or probed).
+            assert (conn.prepare_threshold is None) == (mode is True)
+            assert conn.info.parameter_status("application_name") == "claimer-test"
+        _lock_wait_raises(pool, admin)
+
+
+@pytest.mark.pgbouncer
+def test_guarded_pool_through_pgbouncer(
+    dsn: str, pgbouncer_dsn: str, admin: psycopg.Connection[Any]
+) -> None:
+    s = Settings(statement_timeout="4s", lock_timeout="300ms", idle_in_tx_timeout="20s")
+    with guarded_pool(pgbouncer_dsn, name="upserter-test", min_size=1, max_size=3,
+                      settings=s) as pool:  # fmt: skip
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(30):
+                    with pool.connection() as conn:
+                        assert conn.prepare_threshold is None
+                        assert _timeouts(conn) == ("4s", "300ms", "20s")
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        _lock_wait_raises(pool, admin)

@@ -13,8 +13,12 @@ ZenPool) with zenpipe's rules on top:
 - resilient: connections are checked before use, replaced after ``max_lifetime`` and
   when idle above ``pool_min`` for ``max_idle``; each connection carries
   ``statement_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout``;
-- PgBouncer transaction mode (flag or autodetection): no prepared statements, no session
-  state; the timeouts are set per transaction instead.
+- PgBouncer transaction mode (flag, or a probe that cannot mistake a port-forward for
+  a bouncer): no prepared statements, no session state; the timeouts are set per
+  transaction instead.
+
+`guarded_pool` builds the same guarded pool for code that is handed a DSN (one
+connection policy: the timeouts and the PgBouncer handling of `ZenPool`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -64,6 +69,7 @@ __all__ = [
     "connect_kwargs",
     "detect_pgbouncer",
     "fleet_status",
+    "guarded_pool",
 ]
 
 logger = logging.getLogger("zenpipe.pool")
@@ -74,6 +80,9 @@ _FLEET_KEY = 1
 CONTROL_CONNECTIONS = 1
 #: Expired rows are deleted this long after their lease ended.
 _PURGE_AFTER_S = 3600.0
+#: Rows one purge statement deletes at most, and statements one registration runs at most.
+_PURGE_BATCH = 500
+_PURGE_ROUNDS = 20
 
 Conn = psycopg.Connection[TupleRow]
 
@@ -85,7 +94,13 @@ def _ms(seconds: float) -> str:
     return str(round(seconds * 1000))
 
 
-def connect_kwargs(settings: Settings, *, pgbouncer: bool, server_id: str) -> dict[str, Any]:
+def connect_kwargs(
+    settings: Settings,
+    *,
+    pgbouncer: bool,
+    server_id: str,
+    application_name: str | None = None,
+) -> dict[str, Any]:
     """The keyword arguments of `psycopg.Connection.connect` for a pooled connection.
 
     Direct connections get the three timeouts as startup ``options`` (set before the
@@ -94,11 +109,11 @@ def connect_kwargs(settings: Settings, *, pgbouncer: bool, server_id: str) -> di
     ``ignore_startup_parameters``, and server connections are shared, so there the
     timeouts are set per transaction (`ZenPool.connection`) and prepared statements are
     off (``prepare_threshold=None``): another client's server connection does not know
-    ours.
+    ours.  *application_name* defaults to ``zenpipe:<server_id>``.
     """
     kwargs: dict[str, Any] = {
         # PgBouncer forwards application_name, so pg_stat_activity names the server.
-        "application_name": f"zenpipe:{server_id}"[:63],
+        "application_name": (application_name or f"zenpipe:{server_id}")[:63],
         "connect_timeout": max(1, round(settings.connect_timeout)),
     }
     if pgbouncer:
@@ -113,17 +128,49 @@ def connect_kwargs(settings: Settings, *, pgbouncer: bool, server_id: str) -> di
 
 
 def detect_pgbouncer(conn: psycopg.Connection[Any]) -> bool:
-    """Whether *conn* reaches PostgreSQL through a proxy such as PgBouncer.
+    """Whether *conn* reaches PostgreSQL through a pooler such as PgBouncer.
 
-    Compares the port we dialed with the port the PostgreSQL server listens on: a proxy
-    listens on its own port.  Misses a proxy on another host that uses the same port
-    number as the server, and takes a port-forward (Docker's ``-p 5433:5432``) for a
-    proxy, which only costs prepared statements.  Set ``ZENPIPE_PGBOUNCER`` to decide
-    instead of guessing.
+    One query, no session state read or left: a direct connection's startup message
+    (BackendKeyData) carries the pid of its backend, which ``pg_backend_pid()`` reports
+    too.  PgBouncer, in any pool mode, gives each client a random cancel key of its own
+    (so does every pooler that multiplexes clients onto server connections): the two
+    differ.  A transparent TCP proxy or port-forward (Docker's ``-p 5433:5432``, a load
+    balancer) passes the backend's key through and is rightly seen as direct, whatever
+    its port; a PgBouncer on port 5432 is seen as a PgBouncer.
+
+    Returns True (the safe answer: no prepared statements, per-transaction timeouts)
+    when the probe cannot tell: libpq reports no backend pid, or the query fails.  Set
+    ``ZENPIPE_PGBOUNCER=on|off`` to decide instead of probing.
     """
-    row = conn.execute(load("pool")["server_limits"]).fetchone()
-    assert row is not None
-    return int(conn.info.port) != int(row[3])
+    reported = conn.info.backend_pid
+    if not reported:
+        return True
+    try:
+        row = conn.execute(load("pool")["backend_pid"]).fetchone()
+    except psycopg.Error as e:
+        logger.warning("PgBouncer probe failed (%s): assuming a pooler", e)
+        return True
+    return row is None or int(row[0]) != int(reported)
+
+
+def _probe_pgbouncer(settings: Settings) -> bool:
+    """`detect_pgbouncer` on a connection of its own; True (safe) when none can be made."""
+    try:
+        with psycopg.connect(
+            settings.dsn,
+            autocommit=True,
+            prepare_threshold=None,
+            connect_timeout=max(1, round(settings.connect_timeout)),
+        ) as probe:
+            return detect_pgbouncer(probe)
+    except psycopg.OperationalError as e:
+        logger.warning(
+            "PgBouncer probe could not connect to %s (%s): assuming a pooler "
+            "(set ZENPIPE_PGBOUNCER=off for a direct connection)",
+            redacted_dsn(settings.dsn),
+            e,
+        )
+        return True
 
 
 # -- the fleet budget ----------------------------------------------------------------
@@ -192,6 +239,12 @@ class FleetMember:
     another server registers and retries transient errors (a restarting server, "too
     many clients") for at most ``pool_timeout`` seconds.  The heartbeat thread is a
     daemon; `stop` ends it and deletes the row.
+
+    A row is ours only when it carries our *instance_id* (a random UUID per member):
+    host and pid do not tell two containers on one hostname apart.  When a heartbeat
+    finds our row expired (evicted: a stall longer than the lease), *on_evict* is called
+    first (the pool drops to its floor), then the member registers again; while that is
+    refused, every heartbeat tries again and the pool stays at its floor.
     """
 
     def __init__(
@@ -201,9 +254,12 @@ class FleetMember:
         server_id: str,
         stats: Callable[[], dict[str, Any]] = dict,
         on_resize: Callable[[int], None] | None = None,
+        on_evict: Callable[[int], None] | None = None,
+        instance_id: uuid.UUID | None = None,
     ) -> None:
         self.settings = settings
         self.server_id = server_id
+        self.instance_id = instance_id or uuid.uuid4()
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.pool_size = 0
@@ -212,8 +268,10 @@ class FleetMember:
         self.heartbeats = 0
         self.heartbeat_errors = 0
         self.evictions = 0
+        self.evicted = False
         self._stats = stats
         self._on_resize = on_resize
+        self._on_evict = on_evict
         self._conn: Conn | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -242,6 +300,11 @@ class FleetMember:
                 self.pgbouncer = detect_pgbouncer(self._conn)
         return self._conn
 
+    @property
+    def floor(self) -> int:
+        """The pool size this member drops to while its row is expired."""
+        return max(1, self.settings.pool_floor)
+
     def _retrying(self) -> Retrying:
         return Retrying(
             retry=retry_if_exception(
@@ -256,16 +319,38 @@ class FleetMember:
         """Take a share of the budget and insert (or refresh) our row; return the size.
 
         Raises `FleetBudgetExceeded` when the share would be below the floor and
-        `ServerIdInUse` when a live process elsewhere holds our server id.
+        `ServerIdInUse` when another live process (another instance) holds our server
+        id.  Once registered, deletes rows expired for an hour, outside the fleet lock.
         """
+        granted: int | None = None
         for attempt in self._retrying():
             with attempt, self._lock:
                 try:
-                    return self._register_once(pool_max, pool_floor)
+                    granted = self._register_once(pool_max, pool_floor)
                 except psycopg.Error:
                     self._drop_control()
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        assert granted is not None
+        self._purge()
+        return granted
+
+    def _purge(self) -> None:
+        """Delete long-expired rows in bounded batches, each its own short statement.
+
+        Best effort: a failure is logged (the next registration tries again).
+        """
+        with self._lock:
+            try:
+                conn = self._control()
+                for _ in range(_PURGE_ROUNDS):
+                    cur = conn.execute(
+                        load("pool")["purge_expired"],
+                        {"after": _PURGE_AFTER_S, "batch": _PURGE_BATCH},
+                    )
+                    if cur.rowcount < _PURGE_BATCH:
+                        break
+            except psycopg.Error as e:
+                logger.warning("server %s: purge of expired rows failed: %s", self.server_id, e)
 
     def _register_once(self, pool_max: int, pool_floor: int) -> int:
         q = load("pool")
@@ -281,13 +366,20 @@ class FleetMember:
             limits = conn.execute(q["server_limits"]).fetchone()
             assert limits is not None
             owner = conn.execute(q["own_row"], ident).fetchone()
-            if owner is not None and owner[2] and (owner[0], owner[1]) != (self.host, self.pid):
-                same_host_dead = owner[0] == self.host and not pid_alive(int(owner[1]))
+            if owner is not None and owner[3] and owner[2] != self.instance_id:
+                # Another instance's live row. Taken over only when it is a process on
+                # this host that is gone (a restart within the lease); a live pid -- our
+                # own included: two containers on one hostname both run as pid 1 --
+                # may be another process: refuse.
+                owner_pid = int(owner[1])
+                same_host_dead = (
+                    owner[0] == self.host and owner_pid != self.pid and not pid_alive(owner_pid)
+                )
                 if not same_host_dead:
                     raise ServerIdInUse(
                         f"server id {self.server_id!r} is held by live process {owner[1]} "
-                        f"on {owner[0]} (its lease has not run out): give each process its "
-                        "own ZENPIPE_SERVER_ID"
+                        f"on {owner[0]} (instance {owner[2]}; its lease has not run out): "
+                        "give each process its own ZENPIPE_SERVER_ID"
                     )
             usage = conn.execute(q["live_usage"], ident).fetchone()
             assert usage is not None
@@ -308,6 +400,7 @@ class FleetMember:
                 q["register"],
                 {
                     **ident,
+                    "instance_id": self.instance_id,
                     "host": self.host,
                     "pid": self.pid,
                     "pool_size": granted,
@@ -315,7 +408,6 @@ class FleetMember:
                     "lease": self.lease,
                 },
             )
-            conn.execute(q["purge_expired"], (_PURGE_AFTER_S,))
         self.pool_size = granted
         self.budget = budget
         logger.info(
@@ -329,39 +421,56 @@ class FleetMember:
         return granted
 
     def beat(self) -> None:
-        """Extend our lease and report the pool's metrics (one statement).
+        """Extend our lease and report the pool's metrics (one short transaction).
 
-        When the row expired meanwhile (a long stall: its share may be someone else's
-        now), register again under the fleet lock and resize the pool to the new share.
-        Raises what the database raises; the heartbeat thread logs it and tries again.
+        Takes the fleet lock in shared mode first, so a heartbeat never runs while a
+        registration counts the live rows (it waits for it, bounded by
+        ``lock_timeout``).  When the row expired meanwhile (a long stall: its share may
+        be someone else's now), the pool drops to its floor at once (*on_evict*), then
+        the member registers again under the fleet lock and the pool is resized to the
+        new share.  Raises what the database raises, and `FleetBudgetExceeded` while no
+        share can be granted (the pool stays at its floor); the heartbeat thread logs
+        it and tries again at the next beat.
         """
         q = load("pool")
+        s = self.settings
         with self._lock:
             try:
-                row = (
-                    self._control()
-                    .execute(
+                conn = self._control()
+                with conn.transaction():
+                    conn.execute(
+                        q["set_local_timeouts"],
+                        (_ms(s.statement_timeout), _ms(s.lock_timeout), _ms(s.idle_in_tx_timeout)),
+                    )
+                    conn.execute(q["fleet_lock_shared"], (NAMESPACE_FLEET, _FLEET_KEY))
+                    row = conn.execute(
                         q["heartbeat"],
                         {
                             "server_id": self.server_id,
-                            "host": self.host,
-                            "pid": self.pid,
+                            "instance_id": self.instance_id,
                             "lease": self.lease,
                             "stats": Jsonb(self._stats()),
                         },
-                    )
-                    .fetchone()
-                )
+                    ).fetchone()
             except psycopg.Error:
                 self._drop_control()
                 raise
         self.heartbeats += 1
         if row is not None:
             return
-        self.evictions += 1
-        logger.warning("server %s: lease expired, registering again", self.server_id)
-        floor = self.settings.pool_floor or self.settings.pool_max
-        granted = self.register(pool_max=self.settings.pool_max, pool_floor=floor)
+        if not self.evicted:
+            self.evicted = True
+            self.evictions += 1
+            logger.warning(
+                "server %s: lease expired; pool down to its floor (%d), registering again",
+                self.server_id,
+                self.floor,
+            )
+            if self._on_evict is not None:
+                self._on_evict(self.floor)
+        floor = s.pool_floor or s.pool_max
+        granted = self.register(pool_max=s.pool_max, pool_floor=floor)
+        self.evicted = False
         if self._on_resize is not None:
             self._on_resize(granted)
 
@@ -393,7 +502,7 @@ class FleetMember:
             with self._lock, suppress(psycopg.Error):
                 self._control().execute(
                     load("pool")["leave"],
-                    {"server_id": self.server_id, "host": self.host, "pid": self.pid},
+                    {"server_id": self.server_id, "instance_id": self.instance_id},
                 )
         self._drop_control()
 
@@ -446,6 +555,13 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
     `PoolTimeoutError` (a `psycopg_pool.PoolTimeout`), or `PoolQueueFullError` (a
     `psycopg_pool.TooManyRequests`) when ``max_waiting`` callers already wait.
     `close` stops the heartbeats and deletes the server's row.
+
+    The server id defaults to ``<hostname>:<pid>:<8 hex digits of the instance id>``, so
+    two processes never share a row by accident.  When the fleet evicts this server
+    (its row expired), the pool closes connections down to ``max(1, pool_floor)`` until
+    a share is granted again: idle ones at once, busy ones when they are returned.
+    *name* names the pool and its connections (``application_name``); default
+    ``zenpipe:<server_id>``.
     """
 
     def __init__(
@@ -455,6 +571,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         fleet: bool = True,
         open: bool = True,
         configure: Callable[[Conn], None] | None = None,
+        name: str | None = None,
         **overrides: Any,
     ) -> None:
         if settings is None:
@@ -462,7 +579,11 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         elif overrides:
             settings = settings.replace(**overrides)
         self.settings = settings
-        self.server_id = settings.server_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.instance_id = uuid.uuid4()
+        self.server_id = (
+            settings.server_id or f"{socket.gethostname()}:{os.getpid()}:{self.instance_id.hex[:8]}"
+        )
+        pool_name = name or f"zenpipe:{self.server_id}"
         self._counter_lock = threading.Lock()
         self._timeouts = 0
         self._queue_full = 0
@@ -476,6 +597,8 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
                 server_id=self.server_id,
                 stats=self._heartbeat_stats,
                 on_resize=self._resize_to_share,
+                on_evict=self._resize_to_share,
+                instance_id=self.instance_id,
             )
             try:
                 size = self.fleet.register(
@@ -486,13 +609,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
                 raise
             pgbouncer = self.fleet.pgbouncer
         elif pgbouncer is None:
-            with psycopg.connect(
-                settings.dsn,
-                autocommit=True,
-                prepare_threshold=None,
-                connect_timeout=max(1, round(settings.connect_timeout)),
-            ) as probe:
-                pgbouncer = detect_pgbouncer(probe)
+            pgbouncer = _probe_pgbouncer(settings)
         self.pgbouncer: bool = bool(pgbouncer)
         self._local_timeouts = (
             _ms(settings.statement_timeout),
@@ -502,13 +619,18 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         try:
             super().__init__(
                 settings.dsn,
-                kwargs=connect_kwargs(settings, pgbouncer=self.pgbouncer, server_id=self.server_id),
+                kwargs=connect_kwargs(
+                    settings,
+                    pgbouncer=self.pgbouncer,
+                    server_id=self.server_id,
+                    application_name=pool_name,
+                ),
                 min_size=min(settings.pool_min, size),
                 max_size=size,
                 open=open,
                 configure=configure,
                 check=psycopg_pool.ConnectionPool.check_connection,
-                name=f"zenpipe:{self.server_id}",
+                name=pool_name,
                 timeout=settings.pool_timeout,
                 max_waiting=settings.max_waiting,
                 max_lifetime=settings.max_lifetime,
@@ -637,11 +759,41 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
     # -- lifecycle --------------------------------------------------------------------
 
     def _resize_to_share(self, size: int) -> None:
+        """Resize to the fleet's share *size*, closing what is above it.
+
+        psycopg_pool's `resize` only moves the limits: connections above a smaller
+        ``max_size`` would stay open (idle ones until ``max_idle`` brings the pool down
+        to ``min_size``, one per period; returned ones forever).  So the idle surplus
+        is closed here and busy ones when they come back (`_return_connection`).
+        """
         if size != self.max_size:
             logger.warning(
                 "pool %s: resized from %d to %d by the fleet budget", self.name, self.max_size, size
             )
-            self.resize(min(self.min_size, size), size)
+            self.resize(min(self.settings.pool_min, size), size)
+        self._close_surplus()
+
+    def _close_surplus(self) -> None:
+        surplus: list[Conn] = []
+        with self._lock:
+            while self._nconns > self._max_size and self._pool:
+                surplus.append(self._pool.pop())
+                self._nconns -= 1
+        for conn in surplus:
+            self._close_connection(conn)
+
+    def _return_connection(self, conn: Conn, from_getconn: bool) -> None:
+        # A connection coming back to a pool that holds more than its (shrunk) max_size
+        # is closed instead of kept: see _resize_to_share. Counted under the pool's lock,
+        # as psycopg_pool's own shrinking does.
+        with self._lock:
+            over = self._nconns > self._max_size
+            if over:
+                self._nconns -= 1
+        if over:
+            self._close_connection(conn)
+            return
+        super()._return_connection(conn, from_getconn)
 
     def _reconnect_failed(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
         logger.error(
@@ -659,6 +811,47 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         finally:
             if self.fleet is not None:
                 self.fleet.stop()
+
+
+def guarded_pool(
+    conninfo: str,
+    *,
+    name: str,
+    min_size: int,
+    max_size: int,
+    settings: Settings | None = None,
+    fleet: bool = False,
+    open: bool = True,
+) -> ZenPool:
+    """A bounded pool for code handed a DSN, with the connection policy of `ZenPool`.
+
+    Every connection carries ``statement_timeout``, ``lock_timeout`` and
+    ``idle_in_transaction_session_timeout`` from *settings* (default
+    `Settings.from_env()`): as startup ``options`` on a direct connection, per
+    transaction (``set_config(..., true)`` at the start of each non-autocommit
+    ``connection()`` block) behind PgBouncer, where session settings do not stick.
+    Prepared statements are off (``prepare_threshold=None``) unless the connection is
+    known to be direct: ``settings.pgbouncer`` is False (``ZENPIPE_PGBOUNCER=off``), or
+    it is None (``auto``) and `detect_pgbouncer` finds no pooler; a probe that cannot
+    connect counts as a pooler.  Waits are bounded as in `ZenPool` (``pool_timeout``,
+    ``max_waiting``).
+
+    *name* names the pool and its connections (``application_name``).  With
+    ``fleet=False`` (default) the pool is outside the fleet budget and has
+    *max_size* connections at most; with ``fleet=True`` it registers in
+    ``zen_servers`` like a `ZenPool` (blocking, may raise `FleetBudgetExceeded`) and
+    *max_size* is its ``pool_max``.  The constructor probes (auto mode) with one short
+    connection; with ``open=True`` it starts the pool without waiting for connections.
+    Raises `ConfigError` for sizes the settings refuse.
+    """
+    base = settings if settings is not None else Settings.from_env()
+    s = base.replace(
+        dsn=conninfo,
+        pool_min=min_size,
+        pool_max=max_size,
+        pool_floor=min(base.pool_floor, max_size),
+    )
+    return ZenPool(s, fleet=fleet, open=open, name=name)
 
 
 # -- fleet figures -------------------------------------------------------------------
