@@ -124,3 +124,29 @@ def test_unparseable_dsn_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
         Settings(dsn=bad)
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        ("auto", None),
+        ("", None),
+        ("on", True),
+        ("ON", True),
+        ("true", True),
+        ("yes", True),
+        ("off", False),
+        ("false", False),
+        ("no", False),
+    ],
+)
+def test_pgbouncer_setting_is_auto_on_or_off(value: str, mode: bool | None) -> None:
+    assert Settings.from_env({"ZENPIPE_PGBOUNCER": value}).pgbouncer is mode
+    assert Settings.from_env({}).pgbouncer is None  # auto unless told
+
+
+def test_pgbouncer_setting_names_its_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"ZENPIPE_PGBOUNCER": "maybe"})
+    assert "ZENPIPE_PGBOUNCER" in str(info.value)
+    assert all(word in str(info.value) for word in ("on", "off", "auto"))

@@ -137,7 +137,7 @@ def _parse_bool_or_auto(value: str | bool | None, name: str) -> bool | None:
         return False
     if text in ("", "auto"):
         return None
-    raise ConfigError(f"{name}: expected true, false or auto, got {value!r}")
+    raise ConfigError(f"{name}: expected on, off or auto (or true/false), got {value!r}")
 
 
 def _coerce(name: str, value: Any, label: str) -> Any:
@@ -167,7 +167,8 @@ class Settings:
 
     #: libpq connection string or URI ("" lets libpq use its PG* variables).
     dsn: str = field(default="", repr=False)
-    #: This process's row in zen_servers; default ``<hostname>:<pid>``.
+    #: This process's row in zen_servers; default ``<hostname>:<pid>:<instance>`` (8 hex
+    #: digits of the pool's random instance id, so two processes never share a row).
     server_id: str | None = None
     #: Connections the pool keeps open even when idle.
     pool_min: int = 2
@@ -194,7 +195,10 @@ class Settings:
     lock_timeout: float = 10.0
     #: A session idle inside a transaction for this long is ended by the server.
     idle_in_tx_timeout: float = 60.0
-    #: True: PgBouncer transaction mode; False: direct; None: autodetect.
+    #: ``ZENPIPE_PGBOUNCER=on`` (True): PgBouncer transaction mode, no prepared statements,
+    #: timeouts per transaction; ``off`` (False): direct connection; ``auto`` (None, the
+    #: default): probe each pool's server once (`zenpipe.pool.detect_pgbouncer`), and take
+    #: the safe PgBouncer behaviour when the probe cannot tell.
     pgbouncer: bool | None = None
     #: Connections the fleet leaves free for admin, migrations and monitoring.
     reserved_connections: int = 5
