@@ -782,7 +782,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         for conn in surplus:
             self._close_connection(conn)
 
-    def _return_connection(self, conn: Conn, from_getconn: bool) -> None:
+    def _return_connection(self, conn: Conn, *args: Any, **kwargs: Any) -> None:
         # A connection coming back to a pool that holds more than its (shrunk) max_size
         # is closed instead of kept: see _resize_to_share. Counted under the pool's lock,
         # as psycopg_pool's own shrinking does.
@@ -793,7 +793,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         if over:
             self._close_connection(conn)
             return
-        super()._return_connection(conn, from_getconn)
+        super()._return_connection(conn, *args, **kwargs)
 
     def _reconnect_failed(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
         logger.error(
