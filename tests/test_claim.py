@@ -151,9 +151,14 @@ def test_claim_never_holds_more_locks_than_rows(dsn: str, index: str) -> None:
             conn_c, batch_c, pid_c = _hold_claim(dsn, a, 40)
             assert claim_locks(monitor, pid_c) == len(batch_c) == 40
             assert not set(batch_c.ids) & (set(batch_a.ids) | set(batch_b.ids))
-            # A fourth scans 4 x 10 candidates, all held by open claims: nothing, no lock.
+            # A fourth scans 4 x 10 candidates, all held by open claims: it looks past
+            # them, window after window (issue 8, point 4: this used to come back empty
+            # while 360 rows waited unlocked), and locks exactly the 10 rows it returns.
             conn_d, batch_d, pid_d = _hold_claim(dsn, b, 10)
-            assert claim_locks(monitor, pid_d) == len(batch_d) == 0
+            assert claim_locks(monitor, pid_d) == len(batch_d) == 10
+            assert not batch_d.contended
+            held = set(batch_a.ids) | set(batch_b.ids) | set(batch_c.ids)
+            assert not set(batch_d.ids) & held
             for c in (conn_c, conn_d):
                 c.commit()
                 c.close()
@@ -162,7 +167,35 @@ def test_claim_never_holds_more_locks_than_rows(dsn: str, index: str) -> None:
             conn_b.commit()
             conn_a.close()
             conn_b.close()
-    assert statuses(dsn) == {"claimed": 140, "pending": 360}
+    assert statuses(dsn) == {"claimed": 150, "pending": 350}
+    assert_no_leaks(dsn)
+
+
+def test_empty_claim_tells_contended_from_empty(dsn: str) -> None:
+    """Issue 8, point 4: a claim whose every candidate is being taken by other claimers
+    says so (contended, claim again soon); a claim with nothing eligible says it is
+    empty; and a claim with unlocked work beyond the locked windows finds it."""
+    fill(dsn, 30)
+    with Claimer(dsn, owner="a") as a, Claimer(dsn, owner="b", scan_windows=1) as b:
+        conn_a, batch_a, _ = _hold_claim(dsn, a, 30)  # every row locked, not committed
+        try:
+            got = b.claim(10)
+            assert not got and got.contended
+        finally:
+            conn_a.rollback()
+            conn_a.close()
+        conn_a, batch_a, _ = _hold_claim(dsn, a, 20)  # rows 1..20 held
+        try:
+            with Claimer(dsn, owner="c", scan_windows=4) as c:
+                got = c.claim(5)  # windows of 20: the first all held, the second free
+            assert len(got) == 5 and not set(got.ids) & set(batch_a.ids)
+        finally:
+            conn_a.commit()
+            conn_a.close()
+        rest = b.claim(100)
+        assert len(rest) == 5
+        empty = b.claim(10)
+        assert not empty and not empty.contended
     assert_no_leaks(dsn)
 
 
@@ -226,7 +259,15 @@ def _plan(dsn: str, drop_indexes: bool) -> dict[str, Any]:
             conn.execute("DROP INDEX results_pending_idx, results_lease_idx")
         conn.execute("ANALYZE results")
         stmt = psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + load("claim")["claim_lock"]
-        params = {"scan": 40, "batch": 10, "namespace": NAMESPACE_CLAIM, "max_attempts": 5}
+        params = {
+            "scan": 40,
+            "batch": 10,
+            "namespace": NAMESPACE_CLAIM,
+            "max_attempts": 5,
+            "source": "auto",
+            "after_priority": None,
+            "after_id": None,
+        }
         got = conn.execute(stmt, params).fetchone()
         conn.rollback()
     assert got is not None
@@ -261,7 +302,11 @@ def test_claim_plan_locks_only_inside_the_fenced_cte(dsn: str, drop_indexes: boo
     assert text.count("pg_try_advisory_xact_lock") == 1
     candidates = next(n for n in nodes if n.get("Subplan Name") == "CTE candidates")
     assert candidates["Node Type"] == "Limit"
-    scans = {n.get("Index Name") or n["Node Type"] for n in _nodes(candidates)}
+    # The expired leases are read in a CTE of their own (claimed before pending rows).
+    expired = next(n for n in nodes if n.get("Subplan Name") == "CTE expired")
+    scans = {
+        n.get("Index Name") or n["Node Type"] for c in (candidates, expired) for n in _nodes(c)
+    }
     if drop_indexes:
         assert "Seq Scan" in scans and "results_pending_idx" not in scans
     else:
@@ -316,11 +361,13 @@ def test_stale_token_is_refused_and_nothing_is_applied(dsn: str) -> None:
     ids = fill(dsn, 4)
     with (
         Claimer(dsn, owner="slow", lease_seconds=0.3, batch_size=4) as slow,
-        Claimer(dsn, owner="fast", batch_size=2) as fast,
+        Claimer(dsn, owner="fast", batch_size=4) as fast,
     ):
         stale = slow.claim()
         time.sleep(0.5)
-        taken = fast.claim()  # takes ids[0:2] over; ids[2:4] are still slow's token
+        # Expired rows come back in half batches: takes ids[0:2] over; ids[2:4] are
+        # still slow's token.
+        taken = fast.claim()
         assert taken.ids == ids[:2]
         for op in (slow.complete, slow.extend, lambda b: slow.fail(b, "boom")):
             with pytest.raises(StaleClaimError) as info:
@@ -539,3 +586,207 @@ def test_leak_check_sees_an_open_claim(dsn: str) -> None:
         assert left
         conn.rollback()
     assert_no_leaks(dsn)
+
+
+# -- hardening (issue 8) ------------------------------------------------------------------
+
+
+def _expire(dsn: str, ids: list[int]) -> None:
+    """Let the leases of *ids* run out now (the holder died), as the clock would."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE results SET lease_until = clock_timestamp() - interval '1 second' "
+            "WHERE id = ANY(%s)",
+            (ids,),
+        )
+
+
+def test_expired_rows_come_back_in_halves_then_alone(dsn: str) -> None:
+    """Point 2: rows whose lease ran out during enrichment are re-claimed half a batch
+    at a time after one expiry and alone after two, never as the same whole group."""
+    ids = fill(dsn, 20)
+    with Claimer(dsn, owner="w", batch_size=20, max_attempts=5) as w:
+        first = w.claim()
+        assert first.ids == ids
+        _expire(dsn, ids)  # the worker died on one of them
+        halves = [w.claim(), w.claim()]
+        assert [len(b) for b in halves] == [10, 10]
+        assert sorted(halves[0].ids + halves[1].ids) == ids
+        w.complete(halves[1])
+        _expire(dsn, halves[0].ids)  # died again, in the first half
+        alone = [w.claim() for _ in range(10)]
+        assert [len(b) for b in alone] == [1] * 10
+        assert sorted(i for b in alone for i in b.ids) == sorted(halves[0].ids)
+        assert {row(dsn, i)["expiries"] for i in halves[0].ids} == {2}
+        # A lease lost while the batch was being written is no expiry.
+        w.extend(alone[0], settling=True)
+        _expire(dsn, alone[0].ids)
+        again = w.claim()
+        assert again.ids == alone[0].ids and row(dsn, again.ids[0])["expiries"] == 2
+        for b in (again, *alone[1:]):
+            w.complete(b)
+        assert statuses(dsn) == {"done": 20}
+    assert_no_leaks(dsn)
+
+
+def test_only_a_row_that_expires_alone_is_parked(dsn: str) -> None:
+    """Point 2/6: parking for expired leases needs the row to have been claimed alone
+    (its own fault) max_attempts claims in; rows that expired in a group or while their
+    batch was settling are split or re-claimed, never parked."""
+    ids = fill(dsn, 4)
+    with Claimer(dsn, owner="w", batch_size=4, max_attempts=1, lease_seconds=60) as w:
+        group = w.claim()
+        _expire(dsn, ids)
+        w._next_park = 0.0
+        halves = w.claim()  # a group of 4 expired at attempt 1 >= max: split, not parked
+        assert len(halves) == 2 and w.parked == 0
+        w.extend(halves, settling=True)
+        _expire(dsn, halves.ids)
+        w._next_park = 0.0
+        half_again = w.claim()  # expired while settling: claimed again, not parked
+        assert w.parked == 0 and set(half_again.ids) <= set(halves.ids)
+        w.complete(half_again)
+        other_half = w.claim()  # the rest of the first group: half a batch again
+        assert sorted(other_half.ids) == sorted(set(ids) - set(halves.ids))
+        _expire(dsn, other_half.ids)  # a second expiry: the rows come back alone
+        w._next_park = 0.0
+        rest = [w.claim() for _ in range(2)]
+        assert [len(b) for b in rest] == [1, 1] and w.parked == 0
+        _expire(dsn, rest[0].ids)  # expired while alone at attempt >= max_attempts
+        w._next_park = 0.0
+        w.claim()
+        assert w.parked == 1
+        assert row(dsn, rest[0].ids[0])["status"] == "failed"
+        w.complete(rest[1])
+    assert group.ids == ids
+    assert statuses(dsn) == {"done": 3, "failed": 1}
+    assert_no_leaks(dsn)
+
+
+def test_fail_retried_after_its_commit_landed_succeeds(dsn: str) -> None:
+    """Point 3: a retried fail() whose first try committed (its acknowledgement lost)
+    finds the rows released by this very claim and succeeds, changing nothing; another
+    claim's fail() on them is still fenced."""
+    ids = fill(dsn, 3)
+    with Claimer(dsn, owner="w", batch_size=3, max_attempts=1) as w:
+        batch = w.claim()
+        w.fail(batch.claims[:2], "first")
+        w.fail(batch.claims[:2], "retry")  # what a retry after a lost ack does
+        assert [row(dsn, i)["last_error"] for i in ids[:2]] == ["first", "first"]
+        assert {row(dsn, i)["status"] for i in ids[:2]} == {"failed"}
+        w.complete(Batch(batch.owner, batch.claims[2:], batch.lease_until))
+        requeue(dsn, ids[:1])
+        retaken = w.claim()
+        assert retaken.ids == ids[:1]
+        with pytest.raises(StaleClaimError):
+            w.fail(batch.claims[:1], "late")  # the old claim no longer holds it
+        w.complete(retaken)
+    assert statuses(dsn) == {"done": 2, "failed": 1}
+
+
+def test_lease_counts_from_the_statement_not_the_transaction_start(dsn: str) -> None:
+    """Point 8: claim(conn=...) inside a transaction older than the lease commits a
+    lease that lies in the future, so no other claimer takes the rows at once."""
+    fill(dsn, 3)
+    with (
+        Claimer(dsn, owner="late", lease_seconds=2) as late,
+        Claimer(dsn, owner="other") as other,
+        psycopg.connect(dsn) as conn,
+    ):
+        conn.execute("SELECT 1")  # the transaction starts here
+        while conn.execute("SELECT clock_timestamp() - now() > interval '3 s'").fetchone() != (
+            True,
+        ):
+            time.sleep(0.05)
+        batch = late.claim(conn=conn)
+        conn.commit()
+        assert len(batch) == 3
+        assert other.claim().ids == []  # the lease holds the rows
+        with psycopg.connect(dsn) as check:
+            left = check.execute(
+                "SELECT min(lease_until) > clock_timestamp() FROM results"
+            ).fetchone()
+        assert left == (True,)
+        late.complete(batch)
+    assert_no_leaks(dsn)
+
+
+def test_park_runs_in_its_own_statement_and_skips_locked_rows(dsn: str) -> None:
+    """Point 9: parking never runs inside a claim: a late owner completing an exhausted
+    row right now (its row lock held) neither blocks the claim nor deadlocks with it, and
+    the row is parked once that lock is gone (if it is still exhausted)."""
+    exhausted, healthy = fill(dsn, 2)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE results SET status = 'claimed', claim_owner = 'dead', claim_token = 1, "
+            "claim_id = gen_random_uuid(), claim_size = 1, attempts = 3, "
+            "lease_until = clock_timestamp() - interval '1 s' WHERE id = %s",
+            (exhausted,),
+        )
+    with (
+        Claimer(dsn, owner="w", max_attempts=3) as w,
+        psycopg.connect(dsn) as late_owner,
+    ):
+        late_owner.execute("SELECT 1 FROM results WHERE id = %s FOR UPDATE", (exhausted,))
+        got: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: got.setdefault("batch", w.claim()), daemon=True)
+        t.start()
+        t.join(60)
+        alive = t.is_alive()
+        late_owner.rollback()
+        t.join()
+        assert not alive, "the claim waited on a row lock held by the row's late owner"
+        assert got["batch"].ids == [healthy]
+        assert w.parked == 0 and row(dsn, exhausted)["status"] == "claimed"
+        w._next_park = 0.0
+        w.complete(got["batch"])
+        assert w.claim().ids == []
+        assert w.parked == 1 and row(dsn, exhausted)["status"] == "failed"
+    assert_no_leaks(dsn)
+
+
+def test_tokens_that_repeat_after_a_lost_commit_do_not_fence_open(tmp_path: Any) -> None:
+    """Point 7: with synchronous_commit = off a crash loses an acknowledged claim and
+    rewinds the token sequence; a second claim of the same rows then gets the same
+    token. The first claim's complete() must still be refused (claim_id differs)."""
+    from zenpipe import schema
+    from zenpipe.embedded import ThrowawayPostgres
+
+    # Nothing flushes WAL behind the test's back: no WAL writer round, no background
+    # writer writing a dirty page (which flushes WAL up to it first).
+    quiet = {"wal_writer_delay": "10s", "bgwriter_lru_maxpages": "0"}
+    with ThrowawayPostgres(settings=quiet) as server:
+        dsn = server.dsn
+        schema.apply(dsn)
+        ids = fill(dsn, 3)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT setval('results_claim_token_seq', 1000)")  # flushed
+            # Start the claim's WAL near the beginning of a WAL page, so that the WAL
+            # writer (which writes whole pages only) cannot flush its nextval() record
+            # without its commit record.
+            for _ in range(3):
+                lsn = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()
+                assert lsn is not None
+                off = int(lsn[0]) % 8192
+                if off < 2048:
+                    break
+                conn.execute(
+                    "SELECT pg_logical_emit_message(false, 'pad', repeat('x', %s))",
+                    (8192 - off + 64,),
+                )
+                conn.execute("SELECT pg_current_xact_id()")  # a commit: flushes the pad
+        lossy = f"{dsn} options='-c synchronous_commit=off'"
+        with Claimer(lossy, owner="first") as first:
+            lost = first.claim()  # acknowledged, not yet flushed
+        assert lost.ids == ids
+        server.restart(mode="immediate")
+        with Claimer(dsn, owner="second") as second:
+            again = second.claim()
+            assert again.ids == ids
+            # The sequence rewound: the same token was handed out twice...
+            assert {c.token for c in again.claims} == {c.token for c in lost.claims}
+            # ...but only the claim that holds the rows may settle them.
+            with pytest.raises(StaleClaimError):
+                second.complete(lost)
+            second.complete(again)
+        assert statuses(dsn) == {"done": 3}

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from uuid import UUID, uuid4
 
 import orjson
 import psycopg
@@ -58,8 +59,9 @@ def claim_lock_key(row_id: int) -> int:
 class Claim:
     """One claimed row.
 
-    *token* is the fencing token of the claim; *attempt* counts the claims of this row so
-    far, this one included.
+    *token* is the fencing token of the claim and *claim_id* its random id (the two
+    together fence every settle, see docs/claiming.md); *attempt* counts the claims of
+    this row so far, this one included.
     """
 
     id: int
@@ -67,18 +69,22 @@ class Claim:
     attempt: int
     link: str | None
     data: dict[str, Any]
+    claim_id: UUID
 
 
 @dataclass(frozen=True)
 class Batch:
     """The rows one `Claimer.claim()` returned, all held by *owner* until *lease_until*.
 
-    An empty batch means nothing was eligible.
+    An empty batch means nothing was claimed: *contended* then says whether eligible
+    rows were seen but all of them were being taken by other claimers at that moment
+    (claim again soon) rather than none being eligible (back off).
     """
 
     owner: str
     claims: tuple[Claim, ...]
     lease_until: datetime
+    contended: bool = False
 
     def __len__(self) -> int:
         return len(self.claims)
@@ -103,10 +109,12 @@ class Claimer:
 
     *owner* names the worker (server + process + thread) in the rows it holds.  Rows are
     held for *lease_seconds* after a claim or `extend()`.  A row that failed
-    *max_attempts* times is parked as failed.  A claim looks at most
-    ``scan_factor * limit`` candidate rows; rows other claimers are taking at the same
-    moment are skipped, so a batch can come back smaller than asked when many claimers
-    start together.
+    *max_attempts* times is parked as failed, and so is a row whose lease ran out while
+    it was claimed alone that many claims in (its worker died on it).  A claim looks at
+    ``scan_factor * limit`` candidate rows per window, and past up to *scan_windows*
+    windows when every candidate is being taken by other claimers at the same moment;
+    such rows are skipped, so a batch can come back smaller than asked when many
+    claimers start together.
 
     Methods without *conn* run their own short transaction and retry it (at most
     *retries* times, with backoff) on the errors `zenpipe.errors.is_transient` names.
@@ -121,6 +129,7 @@ class Claimer:
         lease_seconds: float = 300.0,
         max_attempts: int = 5,
         scan_factor: int = 4,
+        scan_windows: int = 4,
         retries: int = 5,
         pool_size: int = 1,
         prepare_threshold: int | None = None,
@@ -133,13 +142,14 @@ class Claimer:
             raise ValueError("lease_seconds must be positive")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if scan_factor < 1:
-            raise ValueError("scan_factor must be at least 1")
+        if scan_factor < 1 or scan_windows < 1:
+            raise ValueError("scan_factor and scan_windows must be at least 1")
         self.owner = owner
         self.batch_size = batch_size
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = max_attempts
         self.scan_factor = scan_factor
+        self.scan_windows = scan_windows
         self.retries = retries
         #: Claim statements rolled back because a row locked was claimed by someone else
         #: between the statement's snapshot and its lock (see docs/claiming.md).
@@ -182,10 +192,16 @@ class Claimer:
         *conn* is idle and not autocommit) and does not commit: the rows are held, and
         the advisory locks taken, until the caller commits.
 
-        Returns an empty batch when nothing is eligible.  A batch never comes with more
-        advisory locks held than rows in it: when a concurrent commit makes a locked row
-        ineligible, the statement is rolled back (releasing its locks) and run again, at
-        most ``retries + 5`` times before an empty batch is returned.
+        Rows whose lease ran out are claimed first, in smaller groups than *limit* (half
+        after one expiry, one after two): see docs/claiming.md.  A window of candidates
+        entirely locked by other claimers is looked past, up to ``scan_windows``
+        windows; an empty batch says whether it came back empty for that reason
+        (`Batch.contended`) or because nothing is eligible.
+
+        A batch never comes with more advisory locks held than rows in it: when a
+        concurrent commit makes a locked row ineligible, the statement is rolled back
+        (releasing its locks) and run again, at most ``retries + 5`` times before an
+        empty, contended batch is returned.
         """
         n = self.batch_size if limit is None else limit
         if n < 1:
@@ -193,6 +209,7 @@ class Claimer:
         if conn is not None:
             _check_open(conn)
             return self._claim_attempts(conn, n, savepoint=True)
+        self._park_exhausted()
         return self._retrying(lambda c: self._claim_own(c, n))
 
     def _claim_own(self, conn: Conn, n: int) -> Batch:
@@ -208,23 +225,19 @@ class Claimer:
         return batch
 
     def _claim_attempts(self, conn: Conn, n: int, *, savepoint: bool) -> Batch:
-        lock_params = {
-            "scan": n * self.scan_factor,
-            "batch": n,
-            "namespace": NAMESPACE_CLAIM,
-            "max_attempts": self.max_attempts,
-        }
-        self._park_exhausted(conn)
         q = self._queries
         for _ in range(self.retries + 5):
             if savepoint:
                 conn.execute(q["savepoint"])
-            locked = [r[0] for r in conn.execute(q["claim_lock"], lock_params)]
+            locked, contended = self._lock(conn, n)
             claimed: list[tuple[Any, ...]] = []
+            claim_id = uuid4()
             if locked:
                 take = {
                     "ids": locked,
                     "owner": self.owner,
+                    "claim_id": claim_id,
+                    "size": len(locked),
                     "lease": self.lease_seconds,
                     "max_attempts": self.max_attempts,
                 }
@@ -235,7 +248,7 @@ class Claimer:
             if len(locked) == len(claimed):
                 if savepoint:
                     conn.execute(q["release"])
-                return self._batch(claimed)
+                return self._batch(claimed, claim_id, contended=contended)
             # A locked row was claimed (or settled) by a transaction that committed after
             # the lock statement's snapshot: drop every lock taken and look again.
             self.race_rollbacks += 1
@@ -246,41 +259,89 @@ class Claimer:
             else:
                 conn.rollback()
         logger.warning("claim kept racing with other claimers; returning an empty batch")
-        return self._batch([])
+        return self._batch([], uuid4(), contended=True)
 
-    def _park_exhausted(self, conn: Conn) -> None:
-        """Park rows whose lease expired ``max_attempts`` times, at most once per
-        ``lease_seconds / 4`` per claimer (a range scan of the expired leases)."""
+    def _lock(self, conn: Conn, n: int) -> tuple[list[int], bool]:
+        """Lock up to *n* candidates, window after window; return (ids, contended).
+
+        A window whose candidates are all locked by other claimers is not the end of
+        the work: the next window starts after its last row (a keyset on the pending
+        index).  Expired rows come first, as a group of their own.
+        """
+        params: dict[str, Any] = {
+            "scan": n * self.scan_factor,
+            "batch": n,
+            "namespace": NAMESPACE_CLAIM,
+            "max_attempts": self.max_attempts,
+            "source": "auto",
+            "after_priority": None,
+            "after_id": None,
+        }
+        contended = False
+        for _ in range(self.scan_windows):
+            row = conn.execute(self._queries["claim_lock"], params).fetchone()
+            assert row is not None
+            ids, _group, expired, seen, last_priority, last_id = row
+            if ids or not seen:
+                return list(ids), contended
+            contended = True  # candidates were there, every one locked by someone else
+            if expired:  # the expired rows are being taken: look at pending ones
+                params |= {"source": "pending", "after_priority": None, "after_id": None}
+            elif seen < params["scan"]:  # nothing behind this window
+                break
+            else:
+                params |= {"source": "pending", "after_priority": last_priority,
+                           "after_id": last_id}  # fmt: skip
+        return [], contended
+
+    def _park_exhausted(self) -> None:
+        """Park rows whose lease expired while claimed alone ``max_attempts`` claims in,
+        at most once per ``lease_seconds / 4`` per claimer: its own short statement
+        (skipping locked rows), never inside a claim, so it holds no lock while the
+        claim runs and a claim rolled back never undoes it."""
         now = time.monotonic()
         if now < self._next_park:
             return
         self._next_park = now + self.lease_seconds / 4
-        parked = conn.execute(
-            self._queries["park_exhausted"], {"max_attempts": self.max_attempts}
-        ).fetchall()
+
+        def park(conn: Conn) -> list[int]:
+            with conn.transaction():
+                rows = conn.execute(
+                    self._queries["park_exhausted"], {"max_attempts": self.max_attempts}
+                ).fetchall()
+            return [int(r[0]) for r in rows]
+
+        parked = self._retrying(park)
         if parked:
             self.parked += len(parked)
             logger.warning(
-                "parked %d rows whose lease expired %d times: %s",
+                "parked %d rows whose lease expired while enriched alone after %d attempts: %s",
                 len(parked),
                 self.max_attempts,
-                [r[0] for r in parked][:20],
+                parked[:20],
             )
 
-    def _batch(self, rows: Sequence[tuple[Any, ...]]) -> Batch:
+    def _batch(self, rows: Sequence[tuple[Any, ...]], claim_id: UUID, *, contended: bool) -> Batch:
         # rows: (id, token, attempts, link, data, priority, lease_until)
         ordered = sorted(rows, key=lambda r: (-r[5], r[0]))
         claims = tuple(
-            Claim(id=r[0], token=r[1], attempt=r[2], link=r[3], data=r[4]) for r in ordered
+            Claim(id=r[0], token=r[1], attempt=r[2], link=r[3], data=r[4], claim_id=claim_id)
+            for r in ordered
         )
-        lease = ordered[0][6] if ordered else datetime.now(UTC)
-        return Batch(owner=self.owner, claims=claims, lease_until=lease)
+        lease = min(r[6] for r in ordered) if ordered else datetime.now(UTC)
+        return Batch(
+            owner=self.owner, claims=claims, lease_until=lease, contended=contended and not claims
+        )
 
     # -- settle -----------------------------------------------------------------------
 
-    def extend(self, batch: Batch, seconds: float | None = None) -> None:
+    def extend(self, batch: Batch, seconds: float | None = None, *, settling: bool = False) -> None:
         """Push the lease of every row of *batch* to *seconds* (default ``lease_seconds``)
         from now, by the server's clock.
+
+        With *settling*, also mark the batch as being written: from then on a lease that
+        runs out is a slow write (the rows are claimed again as they are), not a worker
+        that died on them (an expiry, which splits the batch and can park a row).
 
         One statement, own short transaction, retried on transient errors.  Raises
         `StaleClaimError` and extends nothing when any row is no longer held under the
@@ -291,7 +352,7 @@ class Claimer:
         secs = self.lease_seconds if seconds is None else float(seconds)
         if secs <= 0:
             raise ValueError("seconds must be positive")
-        groups = [{**g, "lease": secs} for g in _by_token(batch.claims)]
+        groups = [{**g, "lease": secs, "settling": settling} for g in _by_token(batch.claims)]
 
         def run(conn: Conn) -> None:
             with conn.transaction():
@@ -324,8 +385,9 @@ class Claimer:
 
         A row whose attempt count reached ``max_attempts`` is parked as ``failed`` (never
         claimed again until `requeue()`); the others go back to pending.  Transactions,
-        retries and `StaleClaimError` as for `complete()`; a retry after a lost commit
-        acknowledgement raises `StaleClaimError` (the rows were already released).
+        retries and `StaleClaimError` as for `complete()`.  Idempotent under the claim:
+        a retry after a lost commit acknowledgement (or a second call) finds the rows
+        already released by this claim and succeeds, changing nothing.
         """
         claims = (
             batch_or_claims.claims if isinstance(batch_or_claims, Batch) else tuple(batch_or_claims)
@@ -394,14 +456,17 @@ class Claimer:
 
 
 def _by_token(claims: Sequence[Claim]) -> list[dict[str, Any]]:
-    """Parameters of one statement per fencing token (a batch has one token).
+    """Parameters of one statement per claim (a batch is one claim: one token, one id).
 
     Ids sorted: concurrent statements touching the same rows lock them in one order.
     """
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, UUID], list[int]] = {}
     for c in claims:
-        groups.setdefault(c.token, []).append(c.id)
-    return [{"token": t, "ids": sorted(ids)} for t, ids in sorted(groups.items())]
+        groups.setdefault((c.token, c.claim_id), []).append(c.id)
+    return [
+        {"token": t, "claim_id": cid, "ids": sorted(ids)}
+        for (t, cid), ids in sorted(groups.items())
+    ]
 
 
 def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operation: str) -> None:

@@ -11,6 +11,7 @@ was lost is dropped without writing anything (another worker owns it now).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from .claim import Batch, Claim, Claimer
-from .errors import StaleClaimError
+from .errors import StaleClaimError, is_transient
 from .queries import load
 from .upsert import Upserter
 
@@ -48,7 +49,13 @@ class WorkerStats:
 
 
 class _LeaseKeeper:
-    """Extends a batch's lease every third of the lease while enrichment runs."""
+    """Extends a batch's lease every third of the lease until the batch is settled.
+
+    It runs while the rows are enriched and while they are written (a write retried
+    after a killed connection can take longer than a lease); the main thread marks
+    the batch as settling first (`Claimer.extend` with ``settling=True``), so a lease
+    lost from then on is not taken for a crash.
+    """
 
     def __init__(self, claimer: Claimer, batch: Batch) -> None:
         self._claimer = claimer
@@ -63,7 +70,8 @@ class _LeaseKeeper:
             try:
                 self._claimer.extend(self._batch)
             except StaleClaimError:
-                self.lost = True
+                # Taken over, or settled by the main thread while we waited on its rows.
+                self.lost = not self._stop.is_set()
                 return
             except psycopg.Error as e:  # transient trouble: the next beat retries
                 logger.warning("lease extension failed: %s", e)
@@ -101,6 +109,7 @@ class Worker:
         self.enrich = enrich
         self.idle_sleep = idle_sleep
         self.stats = WorkerStats()
+        self._contended = False
         # One pool for the claimer, the upserter and the bookkeeping: a DSN gets a small
         # pool of the worker's own (two connections: the lease keeper may extend while
         # the main thread settles), a pool passed in is shared as it is.
@@ -141,66 +150,132 @@ class Worker:
         self.close()
 
     def run_once(self) -> int:
-        """Process one batch; return how many rows it claimed (0: nothing eligible).
+        """Process one batch; return how many rows it claimed (0: nothing claimed).
 
-        Raises what the database raises after the claimer's and upserter's retries.
+        Settles every row it claimed: written and done, failed with the error its
+        enrichment raised, or (when the lease was lost) left to its new owner.  A record
+        that makes the write raise is isolated: the batch is then written row by row
+        and only that row fails.  Raises what the claim raises after its retries; a
+        write that keeps failing on transient errors is logged and its rows are left to
+        their lease (they are claimed again, not counted as a crash).
         """
         batch = self.claimer.claim()
+        self._contended = batch.contended
         if not batch:
             return 0
         started = time.monotonic()
-        records: list[Mapping[str, Any]] = []
-        ok: list[Claim] = []
+        done: list[tuple[Claim, Mapping[str, Any] | None]] = []
         failures: dict[str, list[Claim]] = {}
-        with _LeaseKeeper(self.claimer, batch) as keeper:
-            for claim in batch.claims:
-                try:
-                    record = self.enrich(claim)
-                except Exception as e:
-                    failures.setdefault(f"{type(e).__name__}: {e}"[:2000], []).append(claim)
-                    continue
-                ok.append(claim)
-                if record is not None:
-                    records.append(record)
         stats = self.stats
         stats.batches += 1
         stats.claimed += len(batch)
-        if keeper.lost:
-            stats.stale_batches += 1
-            logger.warning("lease of a %d-row batch was lost during enrichment", len(batch))
-            return len(batch)
-        written = rejected = emails = 0
-        try:
-            for error, claims in failures.items():
-                self.claimer.fail(claims, error)
-                stats.failed += len(claims)
-            if ok:
-                report = self.upserter.upsert_and_complete(
-                    records, self.claimer, replace(batch, claims=tuple(ok))
+        with _LeaseKeeper(self.claimer, batch) as keeper:
+            for claim in batch.claims:
+                try:
+                    done.append((claim, self.enrich(claim)))
+                except Exception as e:
+                    failures.setdefault(_error_text(e), []).append(claim)
+            try:
+                if keeper.lost:
+                    raise StaleClaimError("extend", batch.ids)
+                self.claimer.extend(batch, settling=True)
+                written, rejected, failed = self._settle(batch, done, failures)
+            except StaleClaimError:
+                stats.stale_batches += 1
+                logger.warning("a %d-row batch was taken over before it was written", len(batch))
+                return len(batch)
+            except psycopg.Error as e:
+                logger.error(
+                    "could not write a %d-row batch (its lease will run out and the rows be "
+                    "claimed again): %s",
+                    len(batch),
+                    e,
                 )
-                written, rejected = report.written, report.rejected
-                emails = sum(len(r.get("emails") or ()) for r in records)
-        except StaleClaimError:
-            stats.stale_batches += 1
-            logger.warning("a %d-row batch was taken over before it was written", len(batch))
-            return len(batch)
+                return len(batch)
         stats.written += written
         stats.rejected += rejected
+        stats.failed += failed
         self._record(
             claimed=len(batch),
             written=written,
             rejected=rejected,
-            failed=sum(map(len, failures.values())),
-            emails=emails,
+            failed=failed,
+            emails=sum(len(r.get("emails") or ()) for _, r in done if r is not None),
             secs=time.monotonic() - started,
         )
         return len(batch)
 
+    def _settle(
+        self,
+        batch: Batch,
+        done: list[tuple[Claim, Mapping[str, Any] | None]],
+        failures: dict[str, list[Claim]],
+    ) -> tuple[int, int, int]:
+        """Record the failures, then write the records and complete their rows in one
+        transaction; return (written, rejected, failed).
+
+        `Claimer.fail` is idempotent under the claim, so a retried fail() whose first
+        commit landed does not abandon the rest of the batch.
+        """
+        failed = 0
+        for error, claims in failures.items():
+            self.claimer.fail(claims, error)
+            failed += len(claims)
+        if not done:
+            return 0, 0, failed
+        records = [r for _, r in done if r is not None]
+        ok = replace(batch, claims=tuple(c for c, _ in done))
+        try:
+            report = self.upserter.upsert_and_complete(records, self.claimer, ok)
+        except StaleClaimError:
+            raise
+        except Exception as e:  # one record broke the write: isolate it, row by row
+            if is_transient(e):  # the database, not a record: retries are spent
+                raise
+            logger.error("a %d-row batch failed to write (%s): writing it row by row",
+                         len(done), _error_text(e))  # fmt: skip
+            return self._settle_one_by_one(batch, done, failed)
+        return report.written, report.rejected, failed
+
+    def _settle_one_by_one(
+        self, batch: Batch, done: list[tuple[Claim, Mapping[str, Any] | None]], failed: int
+    ) -> tuple[int, int, int]:
+        written = rejected = 0
+        for claim, record in done:
+            one = replace(batch, claims=(claim,))
+            try:
+                report = self.upserter.upsert_and_complete(
+                    [] if record is None else [record], self.claimer, one
+                )
+            except StaleClaimError:
+                continue
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                self.claimer.fail([claim], _error_text(e))
+                failed += 1
+                continue
+            written += report.written
+            rejected += report.rejected
+        return written, rejected, failed
+
     def run(self, stop: threading.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Process batches until *stop* is set (or, with *until_idle*, until a claim finds
-        nothing to do); sleep *idle_sleep* seconds between empty claims."""
+        nothing eligible); sleep *idle_sleep* seconds between empty claims.
+
+        A claim that came back empty only because other claimers were taking every
+        candidate at that moment (`zenpipe.claim.Batch.contended`) is tried again after
+        a short random pause instead: that is not idleness.
+        """
         while stop is None or not stop.is_set():
             if self.run_once():
+                continue
+            if self._contended:
+                pause = random.uniform(0.005, 0.05)  # jitter, not security
+                if stop is not None:
+                    stop.wait(pause)
+                else:
+                    time.sleep(pause)
                 continue
             self.stats.idle_polls += 1
             if until_idle:
@@ -232,3 +307,13 @@ class Worker:
                 )
         except psycopg.Error as e:
             logger.warning("could not record batch statistics: %s", e)
+
+
+def _error_text(e: BaseException) -> str:
+    """``Type: message`` of an exception, at most 2,000 characters; never raises (an
+    exception whose ``__str__`` raises is named by its type)."""
+    try:
+        text = f"{type(e).__name__}: {e}"
+    except Exception:
+        text = f"{type(e).__name__}: <unprintable>"
+    return text[:2000]

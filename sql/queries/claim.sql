@@ -1,50 +1,79 @@
 -- Statements of the claimer (zenpipe.claim). Parameters are named; every value is bound.
 
 -- name: claim_lock
--- First statement of a claim (zenpipe.claim.Claimer.claim):
---  * candidates: the first %(scan)s eligible rows in claim order, MATERIALIZED and
---    LIMITed before any lock is tried, so no plan can call the lock function on rows it
---    merely scans (the advisory-lock LIMIT trap). Pending rows come from
---    results_pending_idx in index order, expired leases from results_lease_idx.
---  * locked: try the two-key transaction lock over that fixed set; the outer LIMIT stops
---    the executor calling the function once %(batch)s locks are held.
--- The rows are taken by claim_take, a separate statement: its snapshot is newer than
--- every lock taken here, so a row another claimer committed before we locked it is
--- simply not eligible there. (Taking the rows in this same statement made its UPDATE
--- hit such rows through EvalPlanQual, which leaves a row lock on them until commit:
--- their owner's complete() then waited on us while we waited on it, a deadlock.)
-WITH candidates AS MATERIALIZED (
+-- First statement of a claim (zenpipe.claim.Claimer.claim), one window of candidates:
+--  * expired: claimed rows whose lease ran out (results_lease_idx range scan), unless
+--    exhausted (left for park_exhausted). Expired rows are claimed before pending ones
+--    and never mixed with them, in groups that shrink with their expiries: the whole
+--    batch, half of it after one expiry, alone after two, so a row that kills its
+--    worker ends up alone and only it is parked.
+--  * candidates: the window, MATERIALIZED and LIMITed before any lock is tried, so no
+--    plan can call the lock function on rows it merely scans (the advisory-lock LIMIT
+--    trap). Pending rows come from results_pending_idx in index order, after the
+--    keyset (after_priority, after_id) of the previous window: a window whose every row
+--    is locked by other claimers is looked past, not mistaken for "no work".
+--  * locked: try the two-key transaction lock over that fixed set; the LIMIT stops the
+--    executor calling the function once the group's size of locks is held.
+-- One row back: the ids locked, the source of the window, how many candidates it had
+-- (a full window may have more behind it) and its last key (the next window's keyset).
+-- Times are statement_timestamp(): now() is the start of a caller's transaction, which
+-- may be older than a lease.
+WITH expired AS MATERIALIZED (
+    SELECT e.id, e.priority, e.expiries + (NOT e.settling)::integer AS expiries
+    FROM results AS e
+    WHERE %(source)s = 'auto'
+      AND e.status = 'claimed' AND e.lease_until < statement_timestamp()
+      AND NOT (coalesce(e.claim_size, 1) = 1 AND NOT e.settling
+               AND e.attempts >= %(max_attempts)s)
+    ORDER BY e.priority DESC, e.id
+    LIMIT %(scan)s
+),
+candidates AS MATERIALIZED (
+    SELECT x.id, x.priority FROM expired AS x
+    UNION ALL
     (SELECT p.id, p.priority
      FROM results AS p
      WHERE p.status = 'pending'
+       AND NOT EXISTS (SELECT FROM expired)
+       AND (%(after_priority)s::integer IS NULL
+            OR p.priority < %(after_priority)s::integer
+            OR (p.priority = %(after_priority)s::integer AND p.id > %(after_id)s::bigint))
      ORDER BY p.priority DESC, p.id
      LIMIT %(scan)s)
-    UNION ALL
-    (SELECT e.id, e.priority
-     FROM results AS e
-     WHERE e.status = 'claimed' AND e.lease_until < now()
-       AND e.attempts < %(max_attempts)s
-     ORDER BY e.priority DESC, e.id
-     LIMIT %(scan)s)
-    ORDER BY priority DESC, id
     LIMIT %(scan)s
+),
+grp AS MATERIALIZED (
+    SELECT CASE WHEN max(x.expiries) >= 2 THEN 1
+                WHEN max(x.expiries) = 1 THEN greatest(1, %(batch)s::integer / 2)
+                ELSE %(batch)s::integer END AS n
+    FROM expired AS x
 ),
 locked AS MATERIALIZED (
     SELECT c.id
     FROM candidates AS c
     WHERE pg_try_advisory_xact_lock(%(namespace)s, zen_claim_key_v1(c.id))
-    LIMIT %(batch)s
+    LIMIT (SELECT g.n FROM grp AS g)
 )
-SELECT l.id FROM locked AS l;
+SELECT (SELECT coalesce(array_agg(l.id), '{}') FROM locked AS l) AS ids,
+       (SELECT g.n FROM grp AS g) AS group_size,
+       EXISTS (SELECT FROM expired) AS expired,
+       (SELECT count(*) FROM candidates) AS seen,
+       last.priority, last.id
+FROM (SELECT NULL) AS one
+LEFT JOIN LATERAL (
+    SELECT c.priority, c.id FROM candidates AS c ORDER BY c.priority, c.id DESC LIMIT 1
+) AS last ON true;
 
 -- name: claim_take
 -- Second statement of a claim: take the locked rows that are still eligible, by primary
--- key, under one new fencing token. Its snapshot is newer than every lock we hold, so a
--- row another claim committed between the lock statement's snapshot and our lock is
--- simply not eligible here (never reached through EvalPlanQual, which would leave a row
--- lock on it). The caller compares the rows taken with the locks held and, when fewer,
--- rolls back (releasing every lock) and claims again, so a claim never holds more locks
--- than rows it returns.
+-- key, under one new fencing token and the claim's own random claim_id. Its snapshot
+-- is newer than every lock we hold, so a row another claim committed between the lock
+-- statement's snapshot and our lock is simply not eligible here (never reached through
+-- EvalPlanQual, which would leave a row lock on it). The caller compares the rows taken
+-- with the locks held and, when fewer, rolls back (releasing every lock) and claims
+-- again, so a claim never holds more locks than rows it returns. An expired row taken
+-- over counts an expiry unless its holder was already settling (a slow write is not a
+-- crash).
 WITH fence AS MATERIALIZED (
     SELECT nextval('results_claim_token_seq') AS token
 )
@@ -52,103 +81,133 @@ UPDATE results AS r
 SET status = 'claimed',
     claim_owner = %(owner)s,
     claim_token = f.token,
-    lease_until = now() + make_interval(secs => %(lease)s),
-    attempts = r.attempts + 1
+    claim_id = %(claim_id)s,
+    claim_size = %(size)s,
+    lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
+    attempts = r.attempts + 1,
+    expiries = r.expiries + (r.status = 'claimed' AND NOT r.settling)::integer,
+    settling = false
 FROM fence AS f
 WHERE r.id = ANY (%(ids)s::bigint[])
   AND (r.status = 'pending'
-       OR (r.status = 'claimed' AND r.lease_until < now() AND r.attempts < %(max_attempts)s))
+       OR (r.status = 'claimed' AND r.lease_until < statement_timestamp()
+           AND NOT (coalesce(r.claim_size, 1) = 1 AND NOT r.settling
+                    AND r.attempts >= %(max_attempts)s)))
 RETURNING r.id, r.claim_token, r.attempts, r.link, r.data, r.priority, r.lease_until;
 
 -- name: park_exhausted
--- Rows whose lease ran out max_attempts times were held by workers that died or hung on
--- them (a page that crashes the parser kills every worker that takes it): parked as
--- failed like rows that failed max_attempts times, so they stop taking workers down.
--- A range scan of results_lease_idx over the expired leases only; the lock-timeout-free
--- row locks are brief, and a claimer that loses the race just finds nothing to park.
+-- Rows whose lease ran out while they were enriched alone, max_attempts claims in: the
+-- worker died or hung on this very row (a page that crashes the parser kills every
+-- worker that takes it), so it is parked as failed like a row that failed max_attempts
+-- times. Rows expired in a group are split by the claim instead (claim_lock), and a
+-- lease lost while settling is not the row's fault. Its own short statement, outside
+-- any claim: SKIP LOCKED steps over rows whose late owner is completing them right
+-- now (waiting there deadlocked with that owner's complete()). A range scan of
+-- results_lease_idx over the expired leases only.
 UPDATE results AS r
 SET status = 'failed',
     last_error = left(coalesce(r.last_error || '; ', '')
         || 'lease expired after attempt ' || r.attempts || ' (worker lost or stuck)', 2000),
     lease_until = NULL,
     claim_owner = NULL
-WHERE r.status = 'claimed'
-  AND r.lease_until < now()
-  AND r.attempts >= %(max_attempts)s
+FROM (SELECT x.id
+      FROM results AS x
+      WHERE x.status = 'claimed'
+        AND x.lease_until < statement_timestamp()
+        AND coalesce(x.claim_size, 1) = 1 AND NOT x.settling
+        AND x.attempts >= %(max_attempts)s
+      ORDER BY x.id
+      FOR UPDATE SKIP LOCKED) AS e
+WHERE r.id = e.id
+  AND r.status = 'claimed'
 RETURNING r.id;
 
 -- name: complete
--- One statement per batch (a batch has one token): the rows are found by primary key
--- with r.id = ANY(ids) (an (id, token) join against unnest() was planned as a nested
--- loop rescanning the array per row once statistics said no row was claimed: 0.7 s
--- for 2,000 rows). A row counts as
--- completed when it is claimed under our token, or already done under our token (a retry
--- after a lost COMMIT acknowledgement), never when the token differs (fenced: the lease
--- ran out and another claim took the row). The caller compares the ids returned with
--- the batch and rolls back to its savepoint when any is missing.
+-- One statement per batch (a batch has one token and one claim_id): the rows are found
+-- by primary key with r.id = ANY(ids) (an (id, token) join against unnest() was
+-- planned as a nested loop rescanning the array per row once statistics said no row
+-- was claimed: 0.7 s for 2,000 rows). A row counts as completed when it is claimed
+-- under our claim, or already done under it (a retry after a lost COMMIT
+-- acknowledgement), never when the claim differs (fenced: the lease ran out and
+-- another claim took the row). The caller compares the ids returned with the batch and
+-- rolls back to its savepoint when any is missing.
 UPDATE results AS r
 SET status = 'done',
-    done_at = coalesce(r.done_at, now()),
+    done_at = coalesce(r.done_at, statement_timestamp()),
     lease_until = NULL,
+    settling = false,
     last_error = NULL
 WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.claim_token = %(token)s
+  AND r.claim_id = %(claim_id)s
   AND r.status IN ('claimed', 'done')
 RETURNING r.id;
 
 -- name: extend
 -- Heartbeat: push the lease of every row of a batch in one statement (by primary key),
--- only where our
--- token still holds the row. The new deadline is computed by the server clock, like the
--- claim's, so servers with skewed clocks agree on expiry.
+-- only where our claim still holds the row. The new deadline is computed by the server
+-- clock at the statement, like the claim's, so servers with skewed clocks agree on
+-- expiry. %(settling)s marks the batch as being written (never unmarks it): a lease
+-- that runs out from then on is a slow write, not a crash.
 UPDATE results AS r
-SET lease_until = now() + make_interval(secs => %(lease)s)
+SET lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
+    settling = r.settling OR %(settling)s
 WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.claim_token = %(token)s
+  AND r.claim_id = %(claim_id)s
   AND r.status = 'claimed'
 RETURNING r.id, r.lease_until;
 
 -- name: fail
 -- Record a failure on the rows of one claim in one statement (by primary key): back to
--- pending while
--- attempts (claims so far) is below %(max_attempts)s, else parked as failed, which
--- neither claim index holds, so only requeue() brings it back.
+-- pending while attempts (claims so far) is below %(max_attempts)s, else parked as
+-- failed, which neither claim index holds, so only requeue() brings it back.
+-- Idempotent under the claim: a row already released by this very claim (pending or
+-- failed, still carrying our token and claim_id: a retry after a lost COMMIT
+-- acknowledgement) is matched again and left as it is, so the retry succeeds instead
+-- of abandoning the batch. A new claim of the row replaces the claim_id: fenced.
 UPDATE results AS r
-SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-    last_error = %(error)s,
+SET status = CASE WHEN r.status <> 'claimed' THEN r.status
+                  WHEN r.attempts >= %(max_attempts)s THEN 'failed'
+                  ELSE 'pending' END,
+    last_error = CASE WHEN r.status = 'claimed' THEN %(error)s ELSE r.last_error END,
     lease_until = NULL,
+    settling = false,
     claim_owner = NULL
 WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.claim_token = %(token)s
-  AND r.status = 'claimed'
+  AND r.claim_id = %(claim_id)s
+  AND r.status IN ('claimed', 'pending', 'failed')
 RETURNING r.id, r.status;
 
 -- name: requeue_failed
 -- Parked rows back to pending with a fresh attempt budget; results_failed_idx finds
 -- them. last_error is kept for the post-mortem.
 UPDATE results AS r
-SET status = 'pending', attempts = 0, lease_until = NULL, claim_owner = NULL
+SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
+    settling = false
 WHERE r.status = 'failed';
 
 -- name: requeue_failed_ids
 -- The same, limited to the ids given (primary key lookups).
 UPDATE results AS r
-SET status = 'pending', attempts = 0, lease_until = NULL, claim_owner = NULL
+SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
+    settling = false
 WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'failed';
 
 -- name: requeue_ids
 -- Any non-pending rows given back to pending (re-scrape done rows, free claimed ones).
 -- claim_token is cleared, so a worker still holding one of these rows is fenced off.
 UPDATE results AS r
-SET status = 'pending', attempts = 0, lease_until = NULL, claim_owner = NULL,
-    claim_token = NULL, done_at = NULL
+SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
+    claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false
 WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status <> 'pending';
 
 -- name: requeue_all
 -- Every non-pending row back to pending (full re-run), fencing off live claims.
 UPDATE results AS r
-SET status = 'pending', attempts = 0, lease_until = NULL, claim_owner = NULL,
-    claim_token = NULL, done_at = NULL
+SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
+    claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false
 WHERE r.status <> 'pending';
 
 -- name: savepoint
