@@ -162,3 +162,12 @@ class UpsertError(ZenpipeError):
 
     Bad records never raise: they are rejected into ``zen_rejects`` and reported.
     """
+
+
+class EmptyBatchError(UpsertError, ValueError):
+    """`Upserter.upsert_and_complete` was given a batch with no claims.
+
+    Such a write would carry no fencing token, so nothing could stop it from landing
+    after the rows were taken over: refused before anything is written.  Use
+    `Upserter.upsert` for records that belong to no claim.
+    """
