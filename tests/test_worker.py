@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
 import pytest
-from helpers import assert_no_leaks
+from helpers import assert_no_leaks, wait_for
 
 from zenpipe import demo
 from zenpipe.claim import Claim, Claimer
+from zenpipe.upsert import Upserter
 from zenpipe.worker import Worker
 
 
@@ -55,33 +57,216 @@ def test_worker_writes_contacts_and_settles_every_row(dsn: str) -> None:
     assert_no_leaks(dsn)
 
 
+def _lease_passed(dsn: str, when: Any) -> bool:
+    return bool(one(dsn, "SELECT clock_timestamp() > %s", (when,)))
+
+
 def test_lease_is_extended_while_enrichment_runs(dsn: str) -> None:
     """Enrichment slower than the lease: the background extension keeps the rows, so a
-    second claimer gets nothing and the batch is written once, not stale."""
+    second claimer gets nothing and the batch is written once, not stale.
+
+    Driven by events, not timing: enrichment holds until the first lease has run out by
+    the server's clock and a thief has tried to claim (issue 8, point 18)."""
     demo.seed(dsn, 4)
     stolen: list[int] = []
+    thief_tried = threading.Event()
 
     def slow(claim: Claim) -> dict[str, Any]:
-        time.sleep(0.5)
+        assert thief_tried.wait(120)
         return demo.enrich(claim) | {"country_code": "ID"}
 
-    def thief() -> None:
-        with Claimer(dsn, owner="thief") as c:
-            deadline = time.monotonic() + 2.5
-            while time.monotonic() < deadline:
-                stolen.extend(c.claim().ids)
-                time.sleep(0.1)
-
-    with Worker(dsn, slow, server_id="s1", batch_size=4, lease_seconds=0.6) as w:
-        t = threading.Thread(target=thief)
+    with Worker(dsn, slow, server_id="s1", batch_size=4, lease_seconds=3) as w:
+        result: dict[str, int] = {}
+        t = threading.Thread(target=lambda: result.setdefault("n", w.run_once()))
         t.start()
-        claimed = w.run_once()
+        first = wait_for(
+            lambda: one(dsn, "SELECT min(lease_until) FROM results WHERE status = 'claimed'")
+        )
+        wait_for(lambda: _lease_passed(dsn, first), timeout=120)
+        with Claimer(dsn, owner="thief") as c:
+            stolen.extend(c.claim().ids)
+        thief_tried.set()
         t.join()
+        claimed = result["n"]
     assert claimed == 4
     assert stolen == []
     assert w.stats.stale_batches == 0
     assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 4
     assert one(dsn, "SELECT max(attempts) FROM results") == 1
+    assert_no_leaks(dsn)
+
+
+def test_lease_is_kept_while_the_batch_is_written(dsn: str) -> None:
+    """Issue 8, point 6: the lease keeper runs until the batch is settled. A write that
+    waits longer than the lease (here behind a row lock on one of its contacts) keeps
+    its rows: no other claimer takes them, the batch is written once, not fenced."""
+    _fill(dsn, 3)
+    link = one(dsn, "SELECT link FROM results ORDER BY id LIMIT 1")
+    with Upserter(dsn, server_id="other") as up:
+        up.upsert([{"source_link": link, "country_code": "ID"}])
+    with Worker(dsn, _enrich_id, server_id="s1", batch_size=3, lease_seconds=3) as w:
+        locker = psycopg.connect(dsn)
+        locker.execute("SELECT 1 FROM zen_contacts WHERE source_link = %s FOR UPDATE", (link,))
+        t = threading.Thread(target=w.run_once)
+        t.start()
+        try:
+            wait_for(
+                lambda: one(
+                    dsn,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'",
+                ),
+                timeout=120,
+            )
+            lease = one(dsn, "SELECT min(lease_until) FROM results WHERE status = 'claimed'")
+            wait_for(lambda: _lease_passed(dsn, lease), timeout=120)
+            with Claimer(dsn, owner="thief") as thief:
+                stolen = thief.claim().ids
+        finally:
+            locker.rollback()
+            locker.close()
+            t.join()
+    assert stolen == []
+    assert w.stats.stale_batches == 0
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 3
+    assert one(dsn, "SELECT max(attempts) FROM results") == 1
+    assert one(dsn, "SELECT scrape_count FROM zen_contacts WHERE source_link = %s", (link,)) == 2
+    assert_no_leaks(dsn)
+
+
+def _enrich_id(claim: Claim) -> dict[str, Any]:
+    return {"source_link": claim.link, "source_id": claim.id, "country_code": "ID"}
+
+
+def _fill(dsn: str, n: int, poison: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "INSERT INTO results (link, data) SELECT 'https://maps.example.com/w' || g, "
+            "jsonb_build_object('n', g, 'poison', g = ANY(%s)) "
+            "FROM generate_series(1, %s) AS g RETURNING id",
+            (sorted(poison), n),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_lost_fail_acknowledgement_does_not_abandon_the_good_rows(dsn: str) -> None:
+    """Issue 8, point 3: fail() retried after its first commit landed (what a lost
+    acknowledgement leads to) succeeds, and the good rows of the batch are written at
+    once instead of waiting out the lease."""
+    _fill(dsn, 5, poison={3})
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.data["poison"]:
+            raise ValueError("page does not parse")
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=5) as w:
+        real_fail = w.claimer.fail
+
+        def fail_with_lost_ack(claims: Any, error: str, **kw: Any) -> None:
+            real_fail(claims, error, **kw)  # committed; the acknowledgement is lost...
+            real_fail(claims, error, **kw)  # ...so the claimer's retry runs it again
+
+        w.claimer.fail = fail_with_lost_ack  # type: ignore[method-assign]
+        assert w.run_once() == 5
+    assert w.stats.stale_batches == 0
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 4
+    assert one(dsn, "SELECT status, last_error FROM results WHERE data->>'poison' = 'true'") == (
+        "pending",
+        "ValueError: page does not parse",
+    )
+    assert one(dsn, "SELECT count(*) FROM zen_contacts") == 4
+    assert_no_leaks(dsn)
+
+
+class _Hostile(Mapping[str, Any]):
+    """A record whose every read raises: a bug in the user's enrichment."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise RuntimeError("hostile record")
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("hostile record")
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_record_that_breaks_the_write_does_not_abandon_its_batch(dsn: str) -> None:
+    """Issue 8, point 1: a record that validation or the write cannot take (an int too
+    large for a float, a mapping whose reads raise) is rejected or failed on its own;
+    the rest of the batch commits at once, nothing stays claimed."""
+    ids = _fill(dsn, 20)
+    huge, hostile = ids[4], ids[11]
+
+    def enrich(claim: Claim) -> Mapping[str, Any]:
+        if claim.id == huge:
+            return _enrich_id(claim) | {"latitude": 10**400}
+        if claim.id == hostile:
+            return _Hostile()
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=20, max_attempts=1) as w:
+        assert w.run_once() == 20
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'claimed'") == 0
+    assert one(dsn, "SELECT count(*) FROM zen_contacts") == 18
+    assert one(dsn, "SELECT field FROM zen_rejects WHERE row_index >= 0 AND source_link = "
+               "(SELECT link FROM results WHERE id = %s)", (huge,)) == "latitude"  # fmt: skip
+    status, error = one(dsn, "SELECT status, last_error FROM results WHERE id = %s", (hostile,))
+    rejected = one(dsn, "SELECT count(*) FROM zen_rejects WHERE source_link IS NULL")
+    assert (status == "failed" and "hostile record" in error) or (
+        status == "done" and rejected == 1
+    )
+    assert_no_leaks(dsn)
+
+
+_SUICIDAL_WORKER = """
+import os, signal, sys, time
+import psycopg
+from zenpipe.upsert import Upserter
+from zenpipe.worker import Worker
+
+dsn = sys.argv[1]
+
+def enrich(claim):
+    if claim.data["poison"]:
+        os.kill(os.getpid(), signal.SIGKILL)  # the page crashes the parser, and us
+    return {"source_link": claim.link, "source_id": claim.id, "country_code": "ID"}
+
+with Worker(dsn, enrich, server_id="s1", batch_size=20, lease_seconds=3,
+            max_attempts=3) as w, psycopg.connect(dsn, autocommit=True) as conn:
+    while conn.execute(
+        "SELECT count(*) FROM results WHERE status IN ('pending', 'claimed')"
+    ).fetchone()[0]:
+        if not w.run_once():
+            time.sleep(0.2)  # rows held by a dead worker: their lease has to run out
+"""
+
+
+@pytest.mark.slow
+def test_row_that_kills_its_worker_is_parked_alone(dsn: str) -> None:
+    """Issue 8, point 2: a real worker process that SIGKILLs itself on one row of a
+    batch of 20, restarted after each death: that row alone is parked, the 19 others
+    are done (they used to be re-claimed with it, as one group, until all 20 parked)."""
+    ids = _fill(dsn, 20, poison={7})
+    deaths = 0
+    for _ in range(10):
+        proc = subprocess.run(
+            [sys.executable, "-c", _SUICIDAL_WORKER, dsn],
+            check=False, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        deaths += 1
+    else:
+        raise AssertionError(f"the fleet did not settle after {deaths} deaths")
+    poison = ids[6]
+    status, error = one(dsn, "SELECT status, last_error FROM results WHERE id = %s", (poison,))
+    assert status == "failed" and "lease expired" in error
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 19
+    assert one(dsn, "SELECT count(*) FROM zen_contacts") == 19
+    assert deaths <= 3 + 2  # max_attempts claims of the row, alone after two expiries
     assert_no_leaks(dsn)
 
 

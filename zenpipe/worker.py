@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -200,7 +200,7 @@ class Worker:
             written=written,
             rejected=rejected,
             failed=failed,
-            emails=sum(len(r.get("emails") or ()) for _, r in done if r is not None),
+            emails=_count_emails(r for _, r in done),
             secs=time.monotonic() - started,
         )
         return len(batch)
@@ -317,3 +317,15 @@ def _error_text(e: BaseException) -> str:
     except Exception:
         text = f"{type(e).__name__}: <unprintable>"
     return text[:2000]
+
+
+def _count_emails(records: Iterable[Mapping[str, Any] | None]) -> int:
+    """Emails the records carry, for the statistics; a record that cannot be read (the
+    writer rejected or failed it already) counts none."""
+    n = 0
+    for r in records:
+        try:
+            n += len(r.get("emails") or ()) if r is not None else 0
+        except Exception:
+            continue
+    return n
