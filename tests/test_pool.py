@@ -910,3 +910,18 @@ def test_guarded_pool_through_pgbouncer(
             t.join()
         assert errors == []
         _lock_wait_raises(pool, admin)
+
+
+def test_guarded_pool_keeps_the_options_of_the_dsn(dsn: str) -> None:
+    """The timeouts are added to the DSN's own startup options, not put in their place
+    (a DSN asking for synchronous_commit = off, say, keeps it)."""
+    own = f"{dsn} options='-c synchronous_commit=off -c work_mem=7MB'"
+    s = Settings(lock_timeout="300ms", pgbouncer=False)
+    with (
+        guarded_pool(own, name="opts", min_size=1, max_size=1, settings=s) as pool,
+        pool.connection() as conn,
+    ):
+        shown = [conn.execute(f"SHOW {g}").fetchone() for g in ("synchronous_commit", "work_mem")]
+        timeout = conn.execute("SHOW lock_timeout").fetchone()
+    assert shown == [("off",), ("7MB",)]
+    assert timeout == ("300ms",)

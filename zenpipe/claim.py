@@ -35,6 +35,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from .errors import StaleClaimError, is_transient
 from .locks import NAMESPACE_CLAIM
+from .pool import guarded_pool
 from .queries import load
 
 __all__ = ["Batch", "Claim", "Claimer", "claim_lock_key", "requeue"]
@@ -100,12 +101,13 @@ class Batch:
 class Claimer:
     """Claims batches of ``results`` rows for one worker and settles them.
 
-    *conninfo* is a libpq connection string (the claimer then owns a small pool of
-    ``pool_size`` connections, closed by `close()` or the ``with`` block) or a
-    `psycopg_pool.ConnectionPool` the caller owns.  Connections the claimer opens use no
-    server-side prepared statements unless *prepare_threshold* says otherwise, so the
-    claimer works through PgBouncer in transaction mode; a pool passed in must be
-    configured so (``kwargs={"prepare_threshold": None}``) when it goes through one.
+    *conninfo* is a libpq connection string or a `psycopg_pool.ConnectionPool` the
+    caller owns (a `zenpipe.ZenPool` in a fleet: it counts in the fleet budget).  A
+    string gets `zenpipe.pool.guarded_pool` of ``pool_size`` connections, closed by
+    `close()` or the ``with`` block: the same statement, lock and idle-in-transaction
+    timeouts as a `ZenPool` (``ZENPIPE_*`` settings), and no prepared statements unless
+    the server is known to be reached directly (``ZENPIPE_PGBOUNCER``), so no claim
+    blocks forever behind a stuck transaction and PgBouncer in transaction mode works.
 
     *owner* names the worker (server + process + thread) in the rows it holds.  Rows are
     held for *lease_seconds* after a claim or `extend()`.  A row that failed
@@ -132,7 +134,6 @@ class Claimer:
         scan_windows: int = 4,
         retries: int = 5,
         pool_size: int = 1,
-        prepare_threshold: int | None = None,
     ) -> None:
         if not owner:
             raise ValueError("owner must name the worker")
@@ -159,17 +160,13 @@ class Claimer:
         self._next_park = 0.0
         self._queries = load("claim")
         self._own_pool = isinstance(conninfo, str)
-        if isinstance(conninfo, str):
-            self._pool: ConnectionPool[Any] = ConnectionPool(
-                conninfo,
-                min_size=pool_size,
-                max_size=pool_size,
-                kwargs={"prepare_threshold": prepare_threshold, "autocommit": False},
-                open=True,
-                name=f"zenpipe-claim-{owner}",
+        self._pool: ConnectionPool[Any] = (
+            guarded_pool(
+                conninfo, name=f"zenpipe-claim-{owner}", min_size=pool_size, max_size=pool_size
             )
-        else:
-            self._pool = conninfo
+            if isinstance(conninfo, str)
+            else conninfo
+        )
 
     def close(self) -> None:
         """Close the pool the claimer opened (not a pool passed in)."""

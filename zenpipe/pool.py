@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from tenacity import (
@@ -119,10 +120,14 @@ def connect_kwargs(
     if pgbouncer:
         kwargs["prepare_threshold"] = None
     else:
+        # The DSN's own options come last, so a setting the user chose there wins; the
+        # keyword would otherwise replace them entirely.
+        own = conninfo_to_dict(settings.dsn).get("options") if settings.dsn else None
         kwargs["options"] = (
             f"-c statement_timeout={_ms(settings.statement_timeout)}"
             f" -c lock_timeout={_ms(settings.lock_timeout)}"
             f" -c idle_in_transaction_session_timeout={_ms(settings.idle_in_tx_timeout)}"
+            + (f" {own}" if own else "")
         )
     return kwargs
 

@@ -23,6 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from .claim import Batch, Claim, Claimer
 from .errors import StaleClaimError, is_transient
+from .pool import guarded_pool
 from .queries import load
 from .upsert import Upserter
 
@@ -88,8 +89,10 @@ class _LeaseKeeper:
 class Worker:
     """One worker of one server: claims, enriches and writes until told to stop.
 
-    *conninfo* is a connection string or a pool (`zenpipe.ZenPool` in production) shared
-    by the worker's claimer and upserter.  *enrich* runs once per claimed row, outside
+    *conninfo* is a connection string (a `zenpipe.pool.guarded_pool` of two
+    connections, with the fleet's timeouts, outside the fleet budget) or a pool
+    (`zenpipe.ZenPool` in production, which counts in the budget) shared by the
+    worker's claimer and upserter.  *enrich* runs once per claimed row, outside
     any transaction.  Not thread-safe: run one Worker per thread or process.
     """
 
@@ -115,13 +118,8 @@ class Worker:
         # the main thread settles), a pool passed in is shared as it is.
         self._own_pool = isinstance(conninfo, str)
         self._pool: ConnectionPool[Any] = (
-            ConnectionPool(
-                conninfo,
-                min_size=1,
-                max_size=2,
-                kwargs={"prepare_threshold": None},
-                open=True,
-                name=f"zenpipe-worker-{server_id}/{name}",
+            guarded_pool(
+                conninfo, name=f"zenpipe-worker-{server_id}/{name}", min_size=1, max_size=2
             )
             if isinstance(conninfo, str)
             else conninfo
