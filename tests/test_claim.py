@@ -790,3 +790,21 @@ def test_tokens_that_repeat_after_a_lost_commit_do_not_fence_open(tmp_path: Any)
                 second.complete(lost)
             second.complete(again)
         assert statuses(dsn) == {"done": 3}
+
+
+def test_release_gives_rows_back_without_spending_an_attempt(dsn: str) -> None:
+    ids = fill(dsn, 3)
+    with Claimer(dsn, owner="w", batch_size=3) as w, Claimer(dsn, owner="x") as x:
+        batch = w.claim()
+        w.release(batch.claims[:2])
+        w.release(batch.claims[:2])  # a retry after a lost acknowledgement
+        assert [row(dsn, i)["attempts"] for i in ids] == [0, 0, 1]
+        assert statuses(dsn) == {"pending": 2, "claimed": 1}
+        again = x.claim()
+        assert again.ids == ids[:2] and [c.attempt for c in again.claims] == [1, 1]
+        with pytest.raises(StaleClaimError):
+            w.release(batch.claims[:1])  # x holds it now
+        x.complete(again)
+        w.complete(Batch(batch.owner, batch.claims[2:], batch.lease_until))
+    assert statuses(dsn) == {"done": 3}
+    assert_no_leaks(dsn)

@@ -391,6 +391,21 @@ class Claimer:
         )
         self._settle(claims, "fail", {"error": error, "max_attempts": self.max_attempts}, conn)
 
+    def release(
+        self, batch_or_claims: Batch | Sequence[Claim], *, conn: Conn | None = None
+    ) -> None:
+        """Give the rows back to pending without spending an attempt.
+
+        For work that was never tried (a worker shutting down with a batch claimed but
+        not enriched): the rows are claimable again at once, by anyone, and their
+        attempt count is what it was before this claim.  Transactions, retries and
+        `StaleClaimError` as for `complete()`; idempotent under the claim like `fail()`.
+        """
+        claims = (
+            batch_or_claims.claims if isinstance(batch_or_claims, Batch) else tuple(batch_or_claims)
+        )
+        self._settle(claims, "release_rows", {}, conn)
+
     def _settle(
         self,
         claims: Sequence[Claim],

@@ -180,6 +180,24 @@ WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.status IN ('claimed', 'pending', 'failed')
 RETURNING r.id, r.status;
 
+-- name: release_rows
+-- Give the rows of one claim back without spending an attempt (graceful shutdown: the
+-- work was never tried): pending again at once, attempts as before the claim. Fenced
+-- and idempotent like fail: a retry after a lost acknowledgement finds the rows
+-- already released by this claim (pending, our token and claim_id) and changes nothing.
+UPDATE results AS r
+SET status = 'pending',
+    attempts = CASE WHEN r.status = 'claimed' THEN greatest(r.attempts - 1, 0)
+                    ELSE r.attempts END,
+    lease_until = NULL,
+    settling = false,
+    claim_owner = NULL
+WHERE r.id = ANY (%(ids)s::bigint[])
+  AND r.claim_token = %(token)s
+  AND r.claim_id = %(claim_id)s
+  AND r.status IN ('claimed', 'pending')
+RETURNING r.id;
+
 -- name: requeue_failed
 -- Parked rows back to pending with a fresh attempt budget; results_failed_idx finds
 -- them. last_error is kept for the post-mortem.
