@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from zenpipe import keys, queries
 from zenpipe.claim import Claimer
-from zenpipe.errors import UpsertError
+from zenpipe.errors import EmptyBatchError, UpsertError
 from zenpipe.upsert import SCALAR_COLUMNS, Upserter
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -104,8 +105,9 @@ def test_batch_lands_merged_with_counts_equal_to_lengths(
     ]
     report = upserter.upsert(recs)
     assert (report.written, report.rejected, report.merged_in_batch) == (300, 0, 0)
-    # COPY + one merge + create/drop: no per-row round trip.
-    assert report.statements == 4
+    # The batch's checks and idempotency key (one statement, issue 8), COPY + one merge +
+    # create/drop: no per-row round trip.
+    assert report.statements == 5
     report = upserter.upsert(
         [
             {"source_link": f"https://maps/{i}", "emails": [f"new{i}@x.com", "a@x.com"]}
@@ -309,16 +311,26 @@ def test_rows_postgresql_refuses_are_bisected_out(
     dsn: str, postgresql: psycopg.Connection[Any]
 ) -> None:
     postgresql.execute("INSERT INTO results (id, link, data) VALUES (1, 'r', '{}')")
+    # Valid for Python, refused by PostgreSQL. Since issue 8 the writer checks source_id
+    # and caps indexed text itself (test_unknown_source_id_is_rejected_whatever_the_order,
+    # test_oversized_indexed_text_is_rejected_up_front_whatever_the_order), so the
+    # constraints it cannot foresee are added here: a foreign key and a btree index it
+    # does not know about, on columns it does not cap to an index's size.
+    postgresql.execute("CREATE TABLE known_places (place_id text PRIMARY KEY)")
+    postgresql.execute("INSERT INTO known_places VALUES ('p1')")
+    postgresql.execute(
+        "ALTER TABLE zen_contacts ADD CONSTRAINT zen_contacts_place_id_fkey "
+        "FOREIGN KEY (place_id) REFERENCES known_places (place_id)"
+    )
+    postgresql.execute("CREATE INDEX zen_contacts_description_idx ON zen_contacts (description)")
     postgresql.commit()
     rnd = random.Random(7)
     huge = "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(9000))
     batch: list[dict[str, Any]] = [
-        {"source_link": f"https://p/{i}", "source_id": 1} for i in range(200)
+        {"source_link": f"https://p/{i}", "source_id": 1, "place_id": "p1"} for i in range(200)
     ]
-    # Valid for Python, refused by PostgreSQL: an unknown source_id (foreign key) and a
-    # category too large for its btree index.
-    batch[17]["source_id"] = 999
-    batch[150]["business_category"] = huge
+    batch[17]["place_id"] = "p999"
+    batch[150]["description"] = huge
     with Upserter(dsn, server_id="s") as up:
         report = up.upsert(batch)
     assert report.written == 198
@@ -326,7 +338,7 @@ def test_rows_postgresql_refuses_are_bisected_out(
         (17, "db_foreign_key_violation"),
         (150, "db_program_limit_exceeded"),
     ]
-    assert report.rejections[0].field == "zen_contacts_source_id_fkey"
+    assert report.rejections[0].field == "zen_contacts_place_id_fkey"
     assert report.statements < 40  # bisection, not a statement per row
     assert one(postgresql, "SELECT count(*) FROM zen_contacts") == 198
     assert one(postgresql, "SELECT count(*) FROM zen_rejects WHERE reason LIKE 'db_%'") == 2
@@ -596,3 +608,212 @@ def test_upsert_and_complete_is_one_transaction(
         # A retry after a lost COMMIT acknowledgement recognises its own commit.
         with up._pool.connection() as conn:
             assert up._batch_done(conn, batch) is True
+
+
+# -- issue 8 hardening -------------------------------------------------------------------
+
+
+class _ItemsRaise(dict):  # type: ignore[type-arg]
+    """A mapping that gives its link but breaks when its fields are read."""
+
+    def items(self) -> Any:
+        raise RuntimeError("items() broke")
+
+
+class _GetRaises(dict):  # type: ignore[type-arg]
+    def get(self, *a: Any) -> Any:
+        raise RuntimeError("get() broke")
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__")
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__")
+
+
+def test_one_records_exception_never_abandons_its_batch(
+    dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    # Each of these made validate_record (or the writer around it) raise before issue 8:
+    # the whole batch failed and nothing reached zen_rejects.
+    hostile: list[Any] = [
+        {"source_link": "https://h/1", "latitude": 10**400},  # OverflowError
+        {"source_link": "https://h/2", "reviews_count": 10**5000},  # int -> str ValueError
+        {"source_link": "https://h/3", "business_name": _Unprintable()},
+        {"source_link": _Unprintable()},
+        _ItemsRaise(source_link="https://h/5"),
+        _GetRaises(source_link="https://h/6"),
+        {"source_link": "https://h/7", "opening_hours": {"a": 10**5000}},
+        {"source_link": "https://h/8", "city": "x" * 50_000_000},
+    ]
+    batch: list[Any] = []
+    for i in range(10):
+        batch.append({"source_link": f"https://ok/{i}", "city": "Solo"})
+        if i < len(hostile):
+            batch.append(hostile[i])
+    with Upserter(dsn, server_id="s") as up:
+        report = up.upsert(batch)
+    assert report.written == 10
+    assert report.rejected == len(hostile)
+    assert [r.index for r in report.rejections] == [2 * i + 1 for i in range(len(hostile))]
+    assert one(postgresql, "SELECT count(*) FROM zen_contacts") == 10
+    stored = postgresql.execute(
+        "SELECT row_index, field, reason FROM zen_rejects ORDER BY row_index"
+    ).fetchall()
+    postgresql.rollback()
+    assert [r[0] for r in stored] == [2 * i + 1 for i in range(len(hostile))]
+    assert stored[0][1:] == ("latitude", "out_of_range")
+    assert stored[1][1:] == ("reviews_count", "out_of_range")
+    assert stored[7][1:] == ("city", "too_long")
+    assert {r[2] for r in stored} <= {
+        "out_of_range",
+        "invalid_value",
+        "wrong_type",
+        "not_json",
+        "too_long",
+    }
+
+
+def test_upsert_and_complete_refuses_an_empty_batch(
+    dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    # A batch with no claims has nothing to fence the write with.
+    with Claimer(dsn, owner="w1", batch_size=10) as claimer, Upserter(dsn, server_id="s") as up:
+        empty = claimer.claim()  # nothing pending: an empty batch
+        assert not empty.claims
+        with pytest.raises(EmptyBatchError, match="no claims"):
+            up.upsert_and_complete([{"source_link": "https://unfenced"}], claimer, empty)
+        with pytest.raises(ValueError):  # also a ValueError
+            up.upsert_and_complete([], claimer, empty)
+    assert one(postgresql, "SELECT count(*) FROM zen_contacts") == 0
+    assert one(postgresql, "SELECT count(*) FROM zen_rejects") == 0
+
+
+def test_unknown_source_id_is_rejected_whatever_the_order(
+    dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    postgresql.execute("INSERT INTO results (id, link, data) VALUES (1, 'r', '{}')")
+    postgresql.commit()
+    link = "https://fk"
+    newer = {"source_link": link, "source_id": 1, "city": "new", "observed_at": T0}
+    older = {
+        "source_link": link,
+        "source_id": 999,  # no such results row
+        "city": "old",
+        "observed_at": T0 - timedelta(hours=1),
+    }
+    outcomes = []
+    for order in ([newer, older], [older, newer]):
+        postgresql.execute("TRUNCATE zen_contacts, zen_rejects")
+        postgresql.commit()
+        with Upserter(dsn, server_id="s") as up:
+            reports = [up.upsert([rec]) for rec in order]
+        outcomes.append(
+            (
+                snapshot(postgresql),
+                postgresql.execute(
+                    "SELECT field, reason, payload->>'city' FROM zen_rejects"
+                ).fetchall(),
+                sorted((r.field, r.reason) for rep in reports for r in rep.rejections),
+            )
+        )
+        postgresql.rollback()
+    assert outcomes[0] == outcomes[1]
+    table, rejects, reported = outcomes[0]
+    assert rejects == [("source_id", "unknown_source_id", "old")]
+    assert reported == [("source_id", "unknown_source_id")]
+    assert [(r[0], r[2], r[3], r[-1]) for r in table] == [(link, 1, None, 1)]
+
+
+def test_unknown_source_ids_are_checked_in_one_query_per_batch(
+    dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    postgresql.execute(
+        "INSERT INTO results (id, link, data) SELECT i, 'r' || i, '{}' "
+        "FROM generate_series(1, 100) AS i"
+    )
+    postgresql.commit()
+    batch = [{"source_link": f"https://q/{i}", "source_id": i + 1} for i in range(300)]
+    with Upserter(dsn, server_id="s", chunk_rows=50) as up:
+        clean = up.upsert(batch[:100])
+        report = up.upsert(batch)
+    assert report.written == 100 and report.rejected == 200
+    assert {r.reason for r in report.rejections} == {"unknown_source_id"}
+    assert [r.index for r in report.rejections] == list(range(100, 300))
+    # no bisection: the same statements as a clean batch of as many chunks, per chunk
+    assert report.statements <= clean.statements + 2 * (300 - 100) // 50 + 1
+
+
+def test_oversized_indexed_text_is_rejected_up_front_whatever_the_order(
+    dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    rnd = random.Random(5)
+    huge = "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(9000))
+    link = "https://big"
+    newer = {"source_link": link, "business_category": "shop", "observed_at": T0}
+    older = {"source_link": link, "business_category": huge, "observed_at": T0 - timedelta(1)}
+    tables = []
+    for order in ([newer, older], [older, newer]):
+        postgresql.execute("TRUNCATE zen_contacts, zen_rejects")
+        postgresql.commit()
+        with Upserter(dsn, server_id="s") as up:
+            for rec in order:
+                up.upsert([rec])
+        tables.append(
+            (
+                snapshot(postgresql),
+                postgresql.execute("SELECT field, reason FROM zen_rejects").fetchall(),
+            )
+        )
+        postgresql.rollback()
+    assert tables[0] == tables[1]
+    assert tables[0][1] == [("business_category", "too_long")]
+
+
+def test_default_observation_time_is_the_database_clock(
+    dsn: str, postgresql: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = "https://clock"
+    real_ns = time.time_ns
+    with Upserter(dsn, server_id="fast") as fast, Upserter(dsn, server_id="honest") as honest:
+        # The fast server's clock runs two hours ahead; the database's does not.
+        monkeypatch.setattr(time, "time_ns", lambda: real_ns() + 2 * 3600 * 10**9)
+        fast.upsert([{"source_link": link, "business_name": "fast"}])
+        monkeypatch.setattr(time, "time_ns", real_ns)
+        honest.upsert([{"source_link": link, "business_name": "honest"}])
+    row = one(
+        postgresql,
+        "SELECT business_name, last_scrape_server, "
+        "abs(extract(epoch FROM observed_at - clock_timestamp())) < 600 FROM zen_contacts",
+    )
+    assert row == ("honest", "honest", True)
+
+
+def test_future_guard_uses_the_database_clock(
+    dsn: str, postgresql: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db_now = one(postgresql, "SELECT clock_timestamp()")
+    real_ns = time.time_ns
+    with Upserter(dsn, server_id="fast") as fast:
+        monkeypatch.setattr(time, "time_ns", lambda: real_ns() + 2 * 3600 * 10**9)
+        report = fast.upsert(
+            [
+                {"source_link": "https://f/1", "observed_at": db_now + timedelta(minutes=90)},
+                {"source_link": "https://f/2", "observed_at": db_now + timedelta(minutes=10)},
+                {"source_link": "https://f/3"},
+            ]
+        )
+        monkeypatch.setattr(time, "time_ns", real_ns)
+    # 90 minutes ahead of the database passes the fast writer's own check (30 minutes
+    # behind its clock) but not the database's.
+    assert [(r.index, r.field, r.reason) for r in report.rejections] == [
+        (0, "observed_at", "in_future")
+    ]
+    assert report.written == 2
+    assert one(postgresql, "SELECT array_agg(source_link ORDER BY 1) FROM zen_contacts") == [
+        "https://f/2",
+        "https://f/3",
+    ]
+    assert one(postgresql, "SELECT field, reason FROM zen_rejects") == ("observed_at", "in_future")

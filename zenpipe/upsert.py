@@ -17,12 +17,14 @@ only ``scrape_count`` counts the writes themselves.
 from __future__ import annotations
 
 import re
+import reprlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -38,9 +40,18 @@ from tenacity import (
 )
 
 from . import queries
-from .errors import UpsertError, is_transient
+from .errors import EmptyBatchError, UpsertError, is_transient
 from .keys import route
-from .validate import SCALAR_FIELDS, Contact, Problem, normalize_json, validate_record
+from .validate import (
+    MAX_FUTURE_US,
+    MAX_INDEXED_TEXT_BYTES,
+    SCALAR_FIELDS,
+    Contact,
+    Problem,
+    normalize_json,
+    observation_us,
+    validate_record,
+)
 
 if TYPE_CHECKING:
     from .claim import Batch, Claimer
@@ -84,6 +95,9 @@ _REJECT_TYPES = ["text", "int4", "text", "text", "text", "text", "jsonb", "jsonb
 _ROW_ERROR_CLASSES = frozenset({"22", "23", "54"})
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 _MAX_REPR = 100_000
+#: Largest JSON payload kept in ``zen_rejects`` (encoded); larger records keep a repr.
+_MAX_PAYLOAD_BYTES = 1_000_000
+_INT8 = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,8 @@ class _Prepared:
         early: list[tuple[Rejection, list[Problem]]],
         now_us: int,
         cpu_seconds: float,
+        source_ids: dict[int, int],
+        observed: dict[int, int],
     ) -> None:
         self.up = up
         self.records = records
@@ -169,6 +185,10 @@ class _Prepared:
         self.now_us = now_us
         self.route_cpu_seconds = cpu_seconds
         self.wait_seconds = 0.0
+        # record index -> its source_id / explicit observation time (epoch us), read
+        # before validation, for the database's checks (`Upserter._begin`)
+        self.source_ids = source_ids
+        self.observed = observed
         self._futures: list[Future[_Chunk] | None] = [None] * len(bounds)
 
     def subset(self, bounds: list[tuple[int, int]], *, early: bool) -> _Prepared:
@@ -183,7 +203,16 @@ class _Prepared:
             early=self.early if early else [],
             now_us=self.now_us,
             cpu_seconds=self.route_cpu_seconds if early else 0.0,
+            source_ids=self.source_ids,
+            observed=self.observed,
         )
+
+    def indices(self) -> Iterator[int]:
+        """The record indices this (possibly partial) batch writes, in ord order."""
+        order = self.order
+        for lo, hi in self.bounds:
+            for ord_ in range(lo, hi):
+                yield order[ord_]
 
     def _future(self, k: int) -> Future[_Chunk]:
         fut = self._futures[k]
@@ -236,7 +265,10 @@ class _Prepared:
         for ord_ in range(lo, hi):
             i = order[ord_]
             rec = records[i]
-            got = validate_record(rec, max_array_items=cap, now_us=now_us)
+            try:
+                got = validate_record(rec, max_array_items=cap, now_us=now_us)
+            except Exception as e:  # pragma: no cover - validate_record never raises
+                got = [Problem("", "invalid_value", f"validation raised {_type_name(e)}")]
             if not isinstance(got, Contact):
                 rejections.append(_rejection(i, rec, got))
                 continue
@@ -250,8 +282,10 @@ class _Prepared:
             if rnd == len(rounds):
                 rounds.append([])
             rounds[rnd].append(ord_)
+            # no observed_at: NULL, the merge takes the database clock
+            observed = None if got.observed_default else got.observed_us
             rows.append(
-                (ord_, rnd, keys[ord_], link, got.observed_us, *got.scalars, server,
+                (ord_, rnd, keys[ord_], link, observed, *got.scalars, server,
                  got.emails, got.phones, got.whatsapp)
             )  # fmt: skip
         return _Chunk(rows, rounds, rejections, merged, time.thread_time() - t)
@@ -261,6 +295,8 @@ class _Written(NamedTuple):
     written: int
     statements: int
     rejections: list[tuple[Rejection, list[Problem]]]
+    #: the call's idempotency key was already there: an earlier attempt committed
+    already_committed: bool = False
 
 
 class Upserter:
@@ -298,6 +334,8 @@ class Upserter:
     ) -> None:
         if not server_id or "\x00" in server_id:
             raise ValueError("server_id must be a non-empty string without NUL")
+        if len(server_id.encode("utf-8")) > MAX_INDEXED_TEXT_BYTES:  # idx_zc_server
+            raise ValueError(f"server_id must be at most {MAX_INDEXED_TEXT_BYTES} UTF-8 bytes")
         self.server_id = server_id
         self.max_array_items = max_array_items
         self.max_retries = max_retries
@@ -353,14 +391,18 @@ class Upserter:
         Without *conn*: one transaction on a pooled connection, committed before
         returning, retried as a whole (up to ``max_retries`` times, backoff with jitter)
         on transient errors; blocks while rows it must update are locked by another
-        writer.  With *conn*: runs inside the caller's open transaction, which it neither
-        commits nor retries; *conn* must not be in autocommit mode.
+        writer.  The transaction carries a random idempotency key (``zen_upsert_keys``):
+        a retry after a lost COMMIT acknowledgement finds it, waiting for the earlier
+        attempt's outcome if need be, and writes nothing again (the report says
+        ``already_committed``).  With *conn*: runs inside the caller's open transaction,
+        which it neither commits nor retries; *conn* must not be in autocommit mode.
 
         With ``parallel=N`` (constructor) and no *conn*, the partitions are split into N
         contiguous groups written concurrently, each in its own transaction on its own
         pooled connection, each retried on its own; the final table is the same as with
         one transaction, but a call that raises may have committed some groups (sending
-        the batch again is safe: only ``scrape_count`` counts it twice for those rows).
+        the batch again is safe: only ``scrape_count`` counts it twice for those rows,
+        since a new call has new keys).
 
         Bad records never raise: they are stored in ``zen_rejects`` and listed in the
         report.  Raises the last `psycopg.Error` when retries are exhausted or the error
@@ -401,11 +443,36 @@ class Upserter:
         Either both effects commit or neither does, so a worker killed at any point
         leaves its claims to expire and be claimed again, and a record is never written
         for a claim that is not marked done.  Retried as a whole on transient errors like
-        `upsert`.  Raises `zenpipe.claim.StaleClaimError` (nothing written) when the
-        claims were taken over after their lease ran out.
+        `upsert`; a retry first locks the batch's ``results`` rows (waiting out an
+        earlier attempt whose commit is still in doubt) and writes nothing when they
+        are done under the batch's tokens (``already_committed``).  Raises
+        `zenpipe.claim.StaleClaimError` (nothing written) when the claims were taken
+        over after their lease ran out, and `EmptyBatchError` (a `ValueError`), before
+        anything is written, for a batch with no claims: such a write has nothing to
+        fence it (use `upsert` for records that belong to no claim).
         """
+        if not batch.claims:
+            raise EmptyBatchError(
+                "upsert_and_complete() refused: the batch has no claims, so the write "
+                "would not be fenced; use upsert() for records without claims"
+            )
         prepared = self._prepare(records)
         return self._run(prepared, claimer, batch)
+
+    def prune_keys(self, *, older_than: timedelta = timedelta(days=1), limit: int = 10_000) -> int:
+        """Delete at most *limit* idempotency keys committed more than *older_than* ago;
+        return how many were deleted.
+
+        A key only matters while a retry of its call can still come (seconds to minutes):
+        call this now and then (e.g. from a maintenance loop) until it returns less than
+        *limit*.  One short statement, in its own transaction; rows another session is
+        deleting are skipped.
+        """
+        with self._pool.connection() as conn, conn.transaction():
+            cur = conn.execute(
+                self._queries["prune_upsert_keys"], {"older_than": older_than, "limit": limit}
+            )
+            return int(cur.rowcount)
 
     # -- internals --------------------------------------------------------------------
 
@@ -419,6 +486,8 @@ class Upserter:
             reraise=True,
         )
         attempts = 0
+        # A plain upsert's idempotency key: the same in every attempt of this call.
+        key = uuid.uuid4() if batch is None else None
         for attempt in retrying:
             with attempt:
                 attempts += 1
@@ -427,13 +496,20 @@ class Upserter:
                         report = self._report(prepared, _Written(0, 1, []), retries=attempts - 1)
                         report.already_committed = True
                         return report
-                    written = self._write(conn, prepared)
+                    written = self._write(conn, prepared, key=key)
+                    if written.already_committed:
+                        report = self._report(prepared, written, retries=attempts - 1)
+                        report.already_committed = True
+                        return report
                     if claimer is not None and batch is not None:
                         claimer.complete(batch, conn=conn)
         return self._report(prepared, written, retries=attempts - 1)
 
     def _batch_done(self, conn: psycopg.Connection[Any], batch: Batch) -> bool:
-        """Whether every claim of *batch* is already done under its token."""
+        """Whether every claim of *batch* is already done under its token.
+
+        Locks the batch's rows first: blocks while another transaction (an earlier
+        attempt whose commit is in doubt) holds them, then reads their outcome."""
         claims = batch.claims
         if not claims:
             return False
@@ -486,13 +562,32 @@ class Upserter:
         links: list[str] = []
         idx: list[int] = []
         unroutable: list[int] = []
+        source_ids: dict[int, int] = {}
+        observed: dict[int, int] = {}
         for i, rec in enumerate(recs):
-            link = rec.get("source_link") if isinstance(rec, Mapping) else None
+            try:
+                if not isinstance(rec, Mapping):
+                    unroutable.append(i)
+                    continue
+                link = rec.get("source_link")
+                # what the database checks for the whole batch in one statement
+                sid = rec.get("source_id")
+                obs = rec.get("observed_at")
+            except Exception:  # a record that cannot even be read: validation says why
+                unroutable.append(i)
+                continue
             if type(link) is str and link and "\x00" not in link:
                 links.append(link)
                 idx.append(i)
             else:
                 unroutable.append(i)
+                continue
+            if type(sid) is int and 1 <= sid <= _INT8:
+                source_ids[i] = sid
+            if obs is not None:
+                us = observation_us(obs)
+                if us is not None:
+                    observed[i] = us
         try:
             keys, parts = route(links)
         except UnicodeEncodeError:  # lone surrogates: set those links aside, rarely taken
@@ -517,8 +612,8 @@ class Upserter:
         early = []
         for i in sorted(unroutable):  # records without a usable link: always rejected
             got = validate_record(recs[i], max_array_items=self.max_array_items, now_us=now_us)
-            if isinstance(got, Contact):  # pragma: no cover - the link checks above forbid it
-                raise AssertionError(f"record {i} has no routable link but validated")
+            if isinstance(got, Contact):  # a mapping whose get() failed but items() did not
+                got = [Problem("source_link", "invalid_value", "the record's link cannot be read")]
             early.append(_rejection(i, recs[i], got))
         cpu = time.thread_time() - t
         return _Prepared(
@@ -531,20 +626,95 @@ class Upserter:
             early=early,
             now_us=now_us,
             cpu_seconds=cpu,
+            source_ids=source_ids,
+            observed=observed,
         )
 
-    def _write(self, conn: psycopg.Connection[Any], prepared: _Prepared) -> _Written:
-        """Stage and merge chunk by chunk (bisecting bad rows out), store rejects; no
-        commit.  The next chunk is validated in the helper thread meanwhile."""
+    def _begin(
+        self, cur: psycopg.Cursor[Any], prepared: _Prepared, key: uuid.UUID | None
+    ) -> tuple[int, bool, dict[int, list[Problem]]]:
+        """The write's first statement (`begin_write`): take the idempotency *key*, and
+        find the records the database refuses whatever the merge order (unknown
+        ``source_id``, observation time too far ahead of the database clock).
+
+        Returns (statements run: 0 or 1, whether the key was new, record index ->
+        problems).  Skipped (no round trip) when there is no key and nothing to check."""
+        sids: dict[int, list[int]] = {}
+        obs_index: list[int] = []
+        obs_us: list[int] = []
+        source_ids, observed = prepared.source_ids, prepared.observed
+        if source_ids or observed:
+            for i in prepared.indices():
+                sid = source_ids.get(i)
+                if sid is not None:
+                    sids.setdefault(sid, []).append(i)
+                us = observed.get(i)
+                if us is not None:
+                    obs_index.append(i)
+                    obs_us.append(us)
+        if key is None and not sids and not obs_index:
+            return 0, True, {}
+        params = {
+            "key": key,
+            "source_ids": sorted(sids),
+            "obs_index": obs_index,
+            "obs_us": obs_us,
+            "max_future": MAX_FUTURE_US,
+        }
+        row = cur.execute(self._queries["begin_write"], params).fetchone()
+        assert row is not None
+        key_inserted, unknown, in_future = row
+        bad: dict[int, list[Problem]] = {}
+        for sid in unknown:
+            for i in sids[sid]:
+                bad.setdefault(i, []).append(
+                    Problem("source_id", "unknown_source_id", f"results has no row with id {sid}")
+                )
+        for i in in_future:
+            bad.setdefault(i, []).append(
+                Problem(
+                    "observed_at",
+                    "in_future",
+                    "observed_at is more than an hour ahead of the database clock",
+                )
+            )
+        return 1, key is None or key_inserted == 1, bad
+
+    def _write(
+        self, conn: psycopg.Connection[Any], prepared: _Prepared, *, key: uuid.UUID | None = None
+    ) -> _Written:
+        """Check the batch against the database (`_begin`), then stage and merge chunk by
+        chunk (bisecting bad rows out), store rejects; no commit.  The next chunk is
+        validated in the helper thread meanwhile.  With *key*, writes nothing when an
+        earlier attempt holding that key committed (``already_committed``)."""
         q = self._queries
         db_rejects: list[tuple[Rejection, list[Problem]]] = []
         written = 0
         statements = 0
         staged = False
+        order, records = prepared.order, prepared.records
         with conn.cursor() as cur:
             set_json_dumps(orjson.dumps, context=cur)
+            ran, new_key, bad = self._begin(cur, prepared, key)
+            statements += ran
+            if not new_key:
+                return _Written(0, statements, [], already_committed=True)
             for chunk in prepared.chunks():
-                if not chunk.rows:
+                rows, rounds = chunk.rows, chunk.rounds
+                if bad:  # refused by the database's checks: never staged
+                    kept = []
+                    for row in rows:
+                        i = order[row[0]]
+                        problems = bad.get(i)
+                        if problems is None:
+                            kept.append(row)
+                        else:
+                            db_rejects.append(_rejection(i, records[i], problems))
+                    if len(kept) < len(rows):
+                        rows = kept
+                        # keep the round numbers: they are staged with the rows
+                        rounds = [[o for o in r if order[o] not in bad] for r in rounds]
+                if not rows:
                     continue
                 if not staged:
                     cur.execute(q["create_stage"])
@@ -552,10 +722,12 @@ class Upserter:
                     staged = True
                 with cur.copy(q["copy_stage"]) as copy:
                     copy.set_types(_COPY_TYPES)
-                    for row in chunk.rows:
+                    for row in rows:
                         copy.write_row(row)
                 statements += 1
-                for rnd, ords in enumerate(chunk.rounds):
+                for rnd, ords in enumerate(rounds):
+                    if not ords:
+                        continue
                     w, s, failed = self._merge(cur, rnd, ords)
                     written += w
                     statements += s
@@ -628,8 +800,24 @@ class Upserter:
 
 def _rejection(index: int, record: Any, problems: list[Problem]) -> tuple[Rejection, list[Problem]]:
     first = problems[0]
-    link = record.get("source_link") if isinstance(record, Mapping) else None
-    return Rejection(index, _safe_link(link), first.field, first.reason, first.detail), problems
+    return Rejection(index, _record_link(record), first.field, first.reason, first.detail), problems
+
+
+def _record_link(record: Any) -> str | None:
+    """The record's link as storable text (or None); never raises."""
+    try:
+        link = record.get("source_link") if isinstance(record, Mapping) else None
+    except Exception:
+        return None
+    return _safe_link(link)
+
+
+def _type_name(v: Any) -> str:
+    try:
+        name = type(v).__name__
+    except Exception:
+        return "object"
+    return name if type(name) is str else "object"
 
 
 def _encodes(s: str) -> bool:
@@ -666,22 +854,57 @@ def _db_rejection(
     detail = f"PostgreSQL {err.sqlstate}: {diag.message_primary or err}"
     if diag.message_detail:
         detail += f" ({diag.message_detail})"
-    link = record.get("source_link")
-    return Rejection(index, _safe_link(link), fieldname, reason, detail), [
+    return Rejection(index, _record_link(record), fieldname, reason, detail), [
         Problem(fieldname, reason, detail)
     ]
 
 
 def _safe_text(s: Any) -> str:
-    """*s* if PostgreSQL text can hold it, else its ASCII repr."""
-    if isinstance(s, str) and "\x00" not in s:
+    """*s* if PostgreSQL text can hold it, else its ASCII repr; never raises."""
+    if type(s) is str and "\x00" not in s:
         try:
             s.encode("utf-8")
         except UnicodeEncodeError:
             pass
         else:
             return s
-    return ascii(s)[:_MAX_REPR]
+    return _ascii(s)[:_MAX_REPR]
+
+
+class _Repr(reprlib.Repr):
+    """A bounded repr: long strings, big containers and deep nesting are elided, and
+    an object whose own repr raises is named instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 20
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 1000
+        self.maxdeque = self.maxarray = 1000
+        self.maxstring = self.maxother = 10_000
+        self.maxlong = 200
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 10_000:  # str() of it would raise
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def repr_str(self, x: str, level: int) -> str:
+        return ascii(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+
+_REPR = _Repr()
+
+
+def _ascii(v: Any) -> str:
+    """``ascii(v)`` when it is cheap and works, else a bounded repr; never raises."""
+    try:
+        if type(v) is str and len(v) <= _MAX_REPR:
+            return ascii(v)
+        text = _REPR.repr(v)
+    except Exception as e:
+        return f"<unrepresentable {_type_name(v)}: {_type_name(e)}>"
+    # non-ASCII characters (and lone surrogates) escaped, as ascii() does
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _safe_link(link: Any) -> str | None:
@@ -691,16 +914,15 @@ def _safe_link(link: Any) -> str | None:
 def _payload(record: Any) -> tuple[Any, bool]:
     """The record as a JSON value, or ``{"repr": ...}`` when JSON would lose or refuse
     something (NaN, NUL, surrogates, non-JSON objects)."""
-    if isinstance(record, Mapping):
-        try:
+    try:
+        if isinstance(record, Mapping):
             plain = {
                 k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()
             }
-            return normalize_json(plain), False
-        except (ValueError, TypeError, AttributeError):
-            pass
-    try:
-        text = ascii(record)  # repr with every non-ASCII character escaped
-    except Exception as e:  # a broken __repr__ must not lose the reject
-        text = f"<unrepresentable {type(record).__name__}: {type(e).__name__}>"
+            payload = normalize_json(plain)
+            if len(orjson.dumps(payload)) <= _MAX_PAYLOAD_BYTES:
+                return payload, False
+    except Exception:  # anything a hostile record does: keep a repr instead
+        pass
+    text = _ascii(record)  # repr with every non-ASCII character escaped; never raises
     return {"repr": text[:_MAX_REPR]}, True

@@ -6,13 +6,14 @@
 -- Transaction-scoped staging table for one binary COPY per batch: no WAL, no index, no
 -- constraint, so COPY runs at full speed, and ON COMMIT DROP works behind PgBouncer in
 -- transaction mode. ord is the writer's sort order (partition, key, link); round
--- separates repeated links so that no statement touches a key twice.
+-- separates repeated links so that no statement touches a key twice. observed_us is
+-- NULL for a record without observed_at: the merge then takes the database clock.
 CREATE TEMP TABLE zen_upsert_stage (
     ord                 integer NOT NULL,
     round               integer NOT NULL,
     partition_key       integer NOT NULL,
     source_link         text    NOT NULL,
-    observed_us         bigint  NOT NULL,
+    observed_us         bigint,
     source_id                 bigint,
     business_name             text,
     business_category         text,
@@ -87,6 +88,9 @@ COPY zen_upsert_stage (ord, round, partition_key, source_link, observed_us,
 -- distribution column, and sets updated_at itself (no trigger needed: its WHEN skips).
 -- Each observation slot holds the record's time for the columns it carries, NULL for the
 -- others; zen_pick_v1 keeps the newest observation per column, greatest() merges slots.
+-- A record without observed_at is observed at the database clock (zen_clock_us_v1, in
+-- the inserted values, where Citus allows a non-IMMUTABLE function), never at the
+-- writer's: a server whose clock runs fast must not win every column.
 INSERT INTO zen_contacts AS c (
     partition_key, source_link,
     source_id, business_name, business_category, website, website_domain, description,
@@ -113,56 +117,57 @@ SELECT
     s.pages_crawled, coalesce(s.scrape_status, 'pending'), s.scrape_error, s.last_scrape_server,
     s.emails, s.phones, s.whatsapp,
     ARRAY[
-        CASE WHEN s.source_id IS NULL THEN NULL ELSE s.observed_us END,  -- 1
-        CASE WHEN s.business_name IS NULL THEN NULL ELSE s.observed_us END,  -- 2
-        CASE WHEN s.business_category IS NULL THEN NULL ELSE s.observed_us END,  -- 3
-        CASE WHEN s.website IS NULL THEN NULL ELSE s.observed_us END,  -- 4
-        CASE WHEN s.website_domain IS NULL THEN NULL ELSE s.observed_us END,  -- 5
-        CASE WHEN s.description IS NULL THEN NULL ELSE s.observed_us END,  -- 6
-        CASE WHEN s.price_level IS NULL THEN NULL ELSE s.observed_us END,  -- 7
-        CASE WHEN s.business_status IS NULL THEN NULL ELSE s.observed_us END,  -- 8
-        CASE WHEN s.country_code IS NULL THEN NULL ELSE s.observed_us END,  -- 9
-        CASE WHEN s.region IS NULL THEN NULL ELSE s.observed_us END,  -- 10
-        CASE WHEN s.city IS NULL THEN NULL ELSE s.observed_us END,  -- 11
-        CASE WHEN s.district IS NULL THEN NULL ELSE s.observed_us END,  -- 12
-        CASE WHEN s.address IS NULL THEN NULL ELSE s.observed_us END,  -- 13
-        CASE WHEN s.postal_code IS NULL THEN NULL ELSE s.observed_us END,  -- 14
-        CASE WHEN s.latitude IS NULL THEN NULL ELSE s.observed_us END,  -- 15
-        CASE WHEN s.longitude IS NULL THEN NULL ELSE s.observed_us END,  -- 16
-        CASE WHEN s.timezone IS NULL THEN NULL ELSE s.observed_us END,  -- 17
-        CASE WHEN s.plus_code IS NULL THEN NULL ELSE s.observed_us END,  -- 18
-        CASE WHEN s.place_id IS NULL THEN NULL ELSE s.observed_us END,  -- 19
-        CASE WHEN s.google_cid IS NULL THEN NULL ELSE s.observed_us END,  -- 20
-        CASE WHEN s.maps_url IS NULL THEN NULL ELSE s.observed_us END,  -- 21
-        CASE WHEN s.rating IS NULL THEN NULL ELSE s.observed_us END,  -- 22
-        CASE WHEN s.reviews_count IS NULL THEN NULL ELSE s.observed_us END,  -- 23
-        CASE WHEN s.maps_phone IS NULL THEN NULL ELSE s.observed_us END,  -- 24
-        CASE WHEN s.opening_hours IS NULL THEN NULL ELSE s.observed_us END,  -- 25
-        CASE WHEN s.photos_count IS NULL THEN NULL ELSE s.observed_us END,  -- 26
-        CASE WHEN s.is_claimed IS NULL THEN NULL ELSE s.observed_us END,  -- 27
-        CASE WHEN s.emails_validated IS NULL THEN NULL ELSE s.observed_us END,  -- 28
-        CASE WHEN s.primary_email IS NULL THEN NULL ELSE s.observed_us END,  -- 29
-        CASE WHEN s.whatsapp_validated IS NULL THEN NULL ELSE s.observed_us END,  -- 30
-        CASE WHEN s.facebook_url IS NULL THEN NULL ELSE s.observed_us END,  -- 31
-        CASE WHEN s.instagram_url IS NULL THEN NULL ELSE s.observed_us END,  -- 32
-        CASE WHEN s.linkedin_url IS NULL THEN NULL ELSE s.observed_us END,  -- 33
-        CASE WHEN s.twitter_url IS NULL THEN NULL ELSE s.observed_us END,  -- 34
-        CASE WHEN s.youtube_url IS NULL THEN NULL ELSE s.observed_us END,  -- 35
-        CASE WHEN s.tiktok_url IS NULL THEN NULL ELSE s.observed_us END,  -- 36
-        CASE WHEN s.website_title IS NULL THEN NULL ELSE s.observed_us END,  -- 37
-        CASE WHEN s.website_status_code IS NULL THEN NULL ELSE s.observed_us END,  -- 38
-        CASE WHEN s.website_language IS NULL THEN NULL ELSE s.observed_us END,  -- 39
-        CASE WHEN s.contact_page_url IS NULL THEN NULL ELSE s.observed_us END,  -- 40
-        CASE WHEN s.pages_crawled IS NULL THEN NULL ELSE s.observed_us END,  -- 41
-        CASE WHEN s.scrape_status IS NULL THEN NULL ELSE s.observed_us END,  -- 42
-        CASE WHEN s.scrape_error IS NULL THEN NULL ELSE s.observed_us END,  -- 43
-        CASE WHEN s.last_scrape_server IS NULL THEN NULL ELSE s.observed_us END  -- 44
+        CASE WHEN s.source_id IS NULL THEN NULL ELSE s.us END,  -- 1
+        CASE WHEN s.business_name IS NULL THEN NULL ELSE s.us END,  -- 2
+        CASE WHEN s.business_category IS NULL THEN NULL ELSE s.us END,  -- 3
+        CASE WHEN s.website IS NULL THEN NULL ELSE s.us END,  -- 4
+        CASE WHEN s.website_domain IS NULL THEN NULL ELSE s.us END,  -- 5
+        CASE WHEN s.description IS NULL THEN NULL ELSE s.us END,  -- 6
+        CASE WHEN s.price_level IS NULL THEN NULL ELSE s.us END,  -- 7
+        CASE WHEN s.business_status IS NULL THEN NULL ELSE s.us END,  -- 8
+        CASE WHEN s.country_code IS NULL THEN NULL ELSE s.us END,  -- 9
+        CASE WHEN s.region IS NULL THEN NULL ELSE s.us END,  -- 10
+        CASE WHEN s.city IS NULL THEN NULL ELSE s.us END,  -- 11
+        CASE WHEN s.district IS NULL THEN NULL ELSE s.us END,  -- 12
+        CASE WHEN s.address IS NULL THEN NULL ELSE s.us END,  -- 13
+        CASE WHEN s.postal_code IS NULL THEN NULL ELSE s.us END,  -- 14
+        CASE WHEN s.latitude IS NULL THEN NULL ELSE s.us END,  -- 15
+        CASE WHEN s.longitude IS NULL THEN NULL ELSE s.us END,  -- 16
+        CASE WHEN s.timezone IS NULL THEN NULL ELSE s.us END,  -- 17
+        CASE WHEN s.plus_code IS NULL THEN NULL ELSE s.us END,  -- 18
+        CASE WHEN s.place_id IS NULL THEN NULL ELSE s.us END,  -- 19
+        CASE WHEN s.google_cid IS NULL THEN NULL ELSE s.us END,  -- 20
+        CASE WHEN s.maps_url IS NULL THEN NULL ELSE s.us END,  -- 21
+        CASE WHEN s.rating IS NULL THEN NULL ELSE s.us END,  -- 22
+        CASE WHEN s.reviews_count IS NULL THEN NULL ELSE s.us END,  -- 23
+        CASE WHEN s.maps_phone IS NULL THEN NULL ELSE s.us END,  -- 24
+        CASE WHEN s.opening_hours IS NULL THEN NULL ELSE s.us END,  -- 25
+        CASE WHEN s.photos_count IS NULL THEN NULL ELSE s.us END,  -- 26
+        CASE WHEN s.is_claimed IS NULL THEN NULL ELSE s.us END,  -- 27
+        CASE WHEN s.emails_validated IS NULL THEN NULL ELSE s.us END,  -- 28
+        CASE WHEN s.primary_email IS NULL THEN NULL ELSE s.us END,  -- 29
+        CASE WHEN s.whatsapp_validated IS NULL THEN NULL ELSE s.us END,  -- 30
+        CASE WHEN s.facebook_url IS NULL THEN NULL ELSE s.us END,  -- 31
+        CASE WHEN s.instagram_url IS NULL THEN NULL ELSE s.us END,  -- 32
+        CASE WHEN s.linkedin_url IS NULL THEN NULL ELSE s.us END,  -- 33
+        CASE WHEN s.twitter_url IS NULL THEN NULL ELSE s.us END,  -- 34
+        CASE WHEN s.youtube_url IS NULL THEN NULL ELSE s.us END,  -- 35
+        CASE WHEN s.tiktok_url IS NULL THEN NULL ELSE s.us END,  -- 36
+        CASE WHEN s.website_title IS NULL THEN NULL ELSE s.us END,  -- 37
+        CASE WHEN s.website_status_code IS NULL THEN NULL ELSE s.us END,  -- 38
+        CASE WHEN s.website_language IS NULL THEN NULL ELSE s.us END,  -- 39
+        CASE WHEN s.contact_page_url IS NULL THEN NULL ELSE s.us END,  -- 40
+        CASE WHEN s.pages_crawled IS NULL THEN NULL ELSE s.us END,  -- 41
+        CASE WHEN s.scrape_status IS NULL THEN NULL ELSE s.us END,  -- 42
+        CASE WHEN s.scrape_error IS NULL THEN NULL ELSE s.us END,  -- 43
+        CASE WHEN s.last_scrape_server IS NULL THEN NULL ELSE s.us END  -- 44
     ]::bigint[],
-    timestamptz 'epoch' + s.observed_us * interval '1 microsecond',
+    timestamptz 'epoch' + s.us * interval '1 microsecond',
     1,
     now()
-FROM zen_upsert_stage AS s
-WHERE s.round = %(round)s AND s.ord BETWEEN %(lo)s AND %(hi)s
+FROM (SELECT st.*, coalesce(st.observed_us, zen_clock_us_v1()) AS us
+      FROM zen_upsert_stage AS st
+      WHERE st.round = %(round)s AND st.ord BETWEEN %(lo)s AND %(hi)s) AS s
 ORDER BY s.ord
 ON CONFLICT (source_link, partition_key) DO UPDATE SET
     source_id = zen_pick_v1(c.source_id, c.observed_us[1], EXCLUDED.source_id, EXCLUDED.observed_us[1]),
@@ -268,13 +273,69 @@ COPY zen_rejects (server_id, row_index, source_link, field, reason, detail, prob
                   payload, payload_is_repr)
 FROM STDIN (FORMAT BINARY);
 
+-- name: begin_write
+-- First statement of a write, one round trip per batch (not per row, not per chunk):
+-- (1) for a plain upsert(), its idempotency key: inserted, or found when an earlier
+--     attempt of the same call committed (its acknowledgement was lost: the caller then
+--     writes nothing), or waited for while that attempt's transaction is in doubt (the
+--     unique index entry is held until it ends). NULL key: no insert (upsert_and_complete
+--     and conn= calls);
+-- (2) which distinct source_ids of the batch have no results row: those records are
+--     rejected before the merge, whatever the order they arrive in (the foreign key would
+--     only refuse a source_id that wins its column's merge). Primary-key lookups;
+--     a results row deleted between this check and the merge still meets the foreign
+--     key (bisected out, db_foreign_key_violation);
+-- (3) which records' explicit observation times are more than %(max_future)s us ahead of
+--     the database clock: the authoritative future guard (the writer's own check uses
+--     its own clock, which may be skewed).
+WITH new_key AS (
+    INSERT INTO zen_upsert_keys (key)
+    SELECT k FROM (SELECT %(key)s::uuid) AS x (k) WHERE k IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+)
+SELECT
+    (SELECT count(*) FROM new_key) AS key_inserted,
+    ARRAY(SELECT b.id
+          FROM unnest(%(source_ids)s::bigint[]) AS b (id)
+          WHERE NOT EXISTS (SELECT 1 FROM results AS r WHERE r.id = b.id)
+          ORDER BY b.id) AS unknown_source_ids,
+    ARRAY(SELECT o.i
+          FROM unnest(%(obs_index)s::integer[], %(obs_us)s::bigint[]) AS o (i, us)
+          WHERE o.us > zen_clock_us_v1() + %(max_future)s
+          ORDER BY o.i) AS in_future;
+
 -- name: batch_done
 -- Only on a retry of upsert_and_complete: when the previous attempt lost its connection
--- during COMMIT, the commit may have landed. The claim's rows done under this batch's
--- tokens prove it did (tokens are unique per claim), and the retry must then not write
--- again (scrape_count would count the batch twice). Primary-key lookups, one statement.
+-- during COMMIT, the commit may have landed, or may still be in progress (waiting for a
+-- synchronous standby): that transaction then still holds these rows' locks. Lock the
+-- rows by primary key first, in id order (FOR NO KEY UPDATE: the lock complete() takes;
+-- it does not block foreign key checks), so an in-doubt transaction is waited out; the
+-- locked rows are the latest committed versions (READ COMMITTED re-reads a row it waited
+-- for). The claim's rows done under this batch's tokens prove the commit landed (tokens
+-- are unique per claim), and the retry must then not write again (scrape_count would
+-- count the batch twice).
+WITH locked AS MATERIALIZED (
+    SELECT r.id, r.claim_token, r.status
+    FROM results AS r
+    WHERE r.id = ANY (%(ids)s::bigint[])
+    ORDER BY r.id
+    FOR NO KEY UPDATE
+)
 SELECT count(*)
-FROM results AS r
+FROM locked AS l
 JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS b (id, token)
-  ON r.id = b.id AND r.claim_token = b.token
-WHERE r.status = 'done';
+  ON l.id = b.id AND l.claim_token = b.token
+WHERE l.status = 'done';
+
+-- name: prune_upsert_keys
+-- Bounded delete of idempotency keys older than any retry can be: at most %(limit)s
+-- rows per statement, found by the committed_at index, so a large backlog never holds
+-- many row locks or one long transaction.
+DELETE FROM zen_upsert_keys
+WHERE key IN (SELECT k.key
+              FROM zen_upsert_keys AS k
+              WHERE k.committed_at < now() - %(older_than)s::interval
+              ORDER BY k.committed_at
+              LIMIT %(limit)s
+              FOR UPDATE SKIP LOCKED);
