@@ -236,9 +236,17 @@ def test_sigkilled_owner_takes_down_a_server_started_from_a_finished_thread() ->
 
 
 def _occupy(port: int) -> socket.socket:
+    """A listening socket on the server's port (PostgreSQL's own bind then fails)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", port))
-    sock.listen()
+    try:
+        # SO_REUSEADDR as PostgreSQL does: a TIME_WAIT left by the last connection must not
+        # stop us; the listening socket still blocks the postmaster.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
