@@ -22,6 +22,7 @@ from zenpipe.validate import (
     normalize_email,
     normalize_json,
     normalize_phone,
+    observation_us,
     validate_record,
 )
 
@@ -572,3 +573,14 @@ def test_missing_observed_at_is_marked_for_the_database_clock() -> None:
     assert isinstance(c, Contact) and c.observed_default is True
     c = check({"source_link": "l", "observed_at": NOW})
     assert isinstance(c, Contact) and c.observed_default is False
+
+
+@given(st.datetimes(timezones=st.timezones() | st.none()) | _Anything.values)
+def test_observation_us_agrees_with_validation(v: Any) -> None:
+    # The writer reads observation times before validation, for the database's future
+    # guard: it must read the same time validation does, and None where it refuses.
+    got = validate_record({"source_link": "l", "observed_at": v}, max_array_items=10, now_us=2**62)
+    if isinstance(got, Contact):
+        assert observation_us(v) == (None if got.observed_default else got.observed_us)
+    else:
+        assert observation_us(v) is None

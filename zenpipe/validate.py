@@ -494,6 +494,9 @@ def observation_us(value: Any) -> int | None:
     (for the database's future guard).  No future check here.  Never raises.
     """
     try:
+        if type(value) is datetime:  # the common case; naive - aware raises TypeError
+            us: int = (value - _EPOCH) // _US
+            return us
         return _observed(value, 2**62)
     except Exception:
         return None
