@@ -305,3 +305,87 @@ def test_demo_command_runs_the_fleet_and_checks_invariants(empty_dsn: str) -> No
     assert checks["contacts"] == checks["expected_contacts"] > 0
     assert checks["rejects"] == report["seeded"]["bad"]
     assert report["errors"] == []
+
+
+# -- concurrency and abort (issue 9) ------------------------------------------------------
+
+
+def test_plain_enrichment_runs_concurrently_up_to_the_bound(dsn: str) -> None:
+    """Four rows can only pass the barrier together: the batch is enriched by four
+    threads at once (with one thread the barrier times out and the rows fail)."""
+    _fill(dsn, 8)
+    barrier = threading.Barrier(4, timeout=60)
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        barrier.wait()
+        with lock:
+            running -= 1
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=8, concurrency=4) as w:
+        assert w.run_once() == 8
+    assert peak == 4
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 8
+    assert one(dsn, "SELECT count(*) FROM zen_contacts") == 8
+    assert_no_leaks(dsn)
+
+
+def test_async_enrichment_runs_concurrently_on_the_event_loop(dsn: str) -> None:
+    import asyncio
+
+    _fill(dsn, 6)
+    barrier: asyncio.Barrier | None = None
+
+    async def enrich(claim: Claim) -> dict[str, Any]:
+        nonlocal barrier
+        if barrier is None:
+            barrier = asyncio.Barrier(3)
+        await asyncio.wait_for(barrier.wait(), 60)
+        if claim.id == 2:
+            raise ValueError("async page does not parse")
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=6, concurrency=3) as w:
+        assert w.run_once() == 6
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 5
+    assert one(dsn, "SELECT last_error FROM results WHERE id = 2") == (
+        "ValueError: async page does not parse"
+    )
+    assert_no_leaks(dsn)
+
+
+def test_abort_releases_the_rows_not_yet_enriched(dsn: str) -> None:
+    """A graceful shutdown whose grace ran out: the row being enriched is finished and
+    written, the rest of the batch goes back to pending without spending an attempt."""
+    ids = _fill(dsn, 5)
+    started = threading.Event()
+    aborted = threading.Event()
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.id == ids[0]:
+            started.set()
+            assert aborted.wait(60)
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=5) as w:
+        t = threading.Thread(target=w.run_once)
+        t.start()
+        assert started.wait(60)
+        w.abort()
+        aborted.set()
+        t.join()
+        assert w.run_once() == 0  # aborted: claims nothing more
+    assert w.stats.released == 4
+    assert one(dsn, "SELECT status FROM results WHERE id = %s", (ids[0],)) == "done"
+    assert one(dsn, "SELECT count(*), max(attempts) FROM results WHERE status = 'pending'") == (
+        4,
+        0,
+    )
+    assert_no_leaks(dsn)

@@ -10,13 +10,16 @@ was lost is dropped without writing anything (another worker owns it now).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -33,7 +36,22 @@ logger = logging.getLogger("zenpipe.worker")
 
 #: Turns one claimed source row into a contact record (see `zenpipe.validate`), or None
 #: when the row yields no contact.  Raising marks the row failed with the error text.
-Enrich = Callable[[Claim], Mapping[str, Any] | None]
+#: A plain function runs in a thread pool of ``concurrency`` threads, an ``async def``
+#: function on the worker's event loop, ``concurrency`` rows at a time.
+Enrich = (
+    Callable[[Claim], Mapping[str, Any] | None]
+    | Callable[[Claim], Awaitable[Mapping[str, Any] | None]]
+)
+
+#: An enrichment the worker was aborted before starting.
+_UNSTARTED = object()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An enrichment that raised: the error text recorded on the row."""
+
+    error: str
 
 
 @dataclass
@@ -47,6 +65,8 @@ class WorkerStats:
     failed: int = 0
     stale_batches: int = 0
     idle_polls: int = 0
+    #: Rows given back unenriched after `Worker.abort` (no attempt spent).
+    released: int = 0
 
 
 class _LeaseKeeper:
@@ -60,7 +80,8 @@ class _LeaseKeeper:
 
     def __init__(self, claimer: Claimer, batch: Batch) -> None:
         self._claimer = claimer
-        self._batch = batch
+        #: The rows to keep; the worker narrows it when it gives rows back.
+        self.batch = batch
         self._stop = threading.Event()
         self.lost = False
         self._thread = threading.Thread(target=self._run, name="zenpipe-lease", daemon=True)
@@ -68,9 +89,12 @@ class _LeaseKeeper:
     def _run(self) -> None:
         interval = self._claimer.lease_seconds / 3
         while not self._stop.wait(interval):
+            batch = self.batch
             try:
-                self._claimer.extend(self._batch)
+                self._claimer.extend(batch)
             except StaleClaimError:
+                if self.batch is not batch:  # narrowed meanwhile: rows given back
+                    continue
                 # Taken over, or settled by the main thread while we waited on its rows.
                 self.lost = not self._stop.is_set()
                 return
@@ -93,7 +117,10 @@ class Worker:
     connections, with the fleet's timeouts, outside the fleet budget) or a pool
     (`zenpipe.ZenPool` in production, which counts in the budget) shared by the
     worker's claimer and upserter.  *enrich* runs once per claimed row, outside
-    any transaction.  Not thread-safe: run one Worker per thread or process.
+    any transaction, up to *concurrency* rows of a batch at a time (threads for a plain
+    function, the worker's event loop for an ``async def`` one); the lease keeper
+    runs beside it.  Not thread-safe, except `abort`: run one Worker per thread or
+    process.
     """
 
     def __init__(
@@ -107,12 +134,20 @@ class Worker:
         lease_seconds: float = 300.0,
         max_attempts: int = 5,
         idle_sleep: float = 1.0,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.server_id = server_id
         self.enrich = enrich
         self.idle_sleep = idle_sleep
+        self.concurrency = concurrency
         self.stats = WorkerStats()
         self._contended = False
+        self._abort = threading.Event()
+        self._is_async = inspect.iscoroutinefunction(enrich)
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # One pool for the claimer, the upserter and the bookkeeping: a DSN gets a small
         # pool of the worker's own (two connections: the lease keeper may extend while
         # the main thread settles), a pool passed in is shared as it is.
@@ -135,7 +170,14 @@ class Worker:
         self._queries = load("worker")
 
     def close(self) -> None:
-        """Close the connections the worker opened."""
+        """Stop the enrichment threads (or event loop) and close the connections the
+        worker opened."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
         self.claimer.close()
         self.upserter.close()
         if self._own_pool:
@@ -157,6 +199,8 @@ class Worker:
         write that keeps failing on transient errors is logged and its rows are left to
         their lease (they are claimed again, not counted as a crash).
         """
+        if self._abort.is_set():
+            return 0
         batch = self.claimer.claim()
         self._contended = batch.contended
         if not batch:
@@ -168,11 +212,20 @@ class Worker:
         stats.batches += 1
         stats.claimed += len(batch)
         with _LeaseKeeper(self.claimer, batch) as keeper:
-            for claim in batch.claims:
-                try:
-                    done.append((claim, self.enrich(claim)))
-                except Exception as e:
-                    failures.setdefault(_error_text(e), []).append(claim)
+            unstarted: list[Claim] = []
+            for claim, outcome in self._enrich_all(batch.claims):
+                if outcome is _UNSTARTED:
+                    unstarted.append(claim)
+                elif isinstance(outcome, _Failed):
+                    failures.setdefault(outcome.error, []).append(claim)
+                else:
+                    done.append((claim, outcome))  # type: ignore[arg-type]
+            if unstarted:  # aborted: never tried, so no attempt is spent
+                gone = {c.id for c in unstarted}
+                batch = replace(batch, claims=tuple(c for c in batch.claims if c.id not in gone))
+                keeper.batch = batch  # before the release: its next beat must not see them
+                self._release(unstarted)
+                stats.released += len(unstarted)
             try:
                 if keeper.lost:
                     raise StaleClaimError("extend", batch.ids)
@@ -202,6 +255,62 @@ class Worker:
             secs=time.monotonic() - started,
         )
         return len(batch)
+
+    def abort(self) -> None:
+        """Stop starting enrichments (thread-safe; for a graceful shutdown whose grace
+        ran out).  Rows of the batch in flight whose enrichment has not started are
+        released at once, without spending an attempt; those already enriched are
+        settled as usual; `run_once` claims nothing more."""
+        self._abort.set()
+
+    def _enrich_all(self, claims: Sequence[Claim]) -> list[tuple[Claim, object]]:
+        """Enrich *claims*, at most ``concurrency`` at a time; return each claim with
+        its record (or None), a `_Failed`, or `_UNSTARTED` (aborted before it began)."""
+        if self._is_async:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(self._enrich_async(claims))
+        if self.concurrency == 1 or len(claims) == 1:
+            return [(c, self._enrich_one(c)) for c in claims]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self.concurrency, thread_name_prefix=f"zenpipe-enrich-{self.claimer.owner}"
+            )
+        futures = [self._executor.submit(self._enrich_one, c) for c in claims]
+        return [(c, f.result()) for c, f in zip(claims, futures, strict=True)]
+
+    def _enrich_one(self, claim: Claim) -> object:
+        if self._abort.is_set():
+            return _UNSTARTED
+        try:
+            return self.enrich(claim)
+        except Exception as e:
+            return _Failed(_error_text(e))
+
+    async def _enrich_async(self, claims: Sequence[Claim]) -> list[tuple[Claim, object]]:
+        gate = asyncio.Semaphore(self.concurrency)
+        enrich = cast(Callable[[Claim], Awaitable[Mapping[str, Any] | None]], self.enrich)
+
+        async def one(claim: Claim) -> object:
+            async with gate:
+                if self._abort.is_set():
+                    return _UNSTARTED
+                try:
+                    return await enrich(claim)
+                except Exception as e:
+                    return _Failed(_error_text(e))
+
+        outcomes = await asyncio.gather(*(one(c) for c in claims))
+        return list(zip(claims, outcomes, strict=True))
+
+    def _release(self, claims: list[Claim]) -> None:
+        try:
+            self.claimer.release(claims)
+        except StaleClaimError:
+            pass  # taken over already: nothing of ours to give back
+        except psycopg.Error as e:
+            logger.warning("could not release %d rows (their lease will run out): %s",
+                           len(claims), e)  # fmt: skip
 
     def _settle(
         self,
