@@ -509,6 +509,10 @@ def _stop_all() -> None:
             server.stop()
 
 
+# A child forked from the owner does not own its servers: its exit must not stop them.
+os.register_at_fork(after_in_child=_live.clear)
+
+
 def find_pgbouncer() -> Path | None:
     """The ``pgbouncer`` binary, or None.
 
