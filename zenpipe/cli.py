@@ -213,6 +213,70 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe worker MODULE:CALLABLE``: run one server of the fleet (see docs/runtime.md)."""
+
+    def run(args: argparse.Namespace) -> int:
+        # Spawns processes; only when asked (keeps `zenpipe --help` light).
+        from .runtime import ProcessSpec, Supervisor  # noqa: PLC0415
+        from .runtime.process import configure_logging  # noqa: PLC0415
+
+        dsn = args.dsn or os.environ.get("ZENPIPE_DSN")
+        if not dsn:
+            raise ZenpipeError(
+                "zenpipe worker needs your database: pass --dsn or set ZENPIPE_DSN "
+                "(a throwaway server would have no rows to work on)"
+            )
+        configure_logging("")
+        spec = ProcessSpec(
+            index=0,
+            target=args.target,
+            batch_size=args.batch,
+            lease_seconds=args.lease,
+            max_attempts=args.max_attempts,
+            idle_sleep=args.idle_sleep,
+            concurrency=args.concurrency,
+            grace=args.grace,
+        )
+        return Supervisor(
+            spec,
+            dsn=dsn,
+            processes=args.processes,
+            max_restarts=args.max_restarts,
+            restart_window=args.restart_window,
+        ).run()
+
+    text = "run one server of the fleet: N worker processes enriching with MODULE:CALLABLE"
+    p = sub.add_parser(
+        "worker",
+        help=text,
+        description=text + ". SIGTERM or Ctrl-C stops it gracefully; a second one at once.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("target", metavar="MODULE:CALLABLE", help="enrich(claim) -> record or None")
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    p.add_argument("--processes", type=int, default=1, help="worker processes")
+    p.add_argument("--batch", type=int, default=100, help="rows per claim")
+    p.add_argument("--lease", type=float, default=300.0, help="seconds a claim holds its rows")
+    p.add_argument("--max-attempts", type=int, default=5, help="claims before a row is parked")
+    p.add_argument("--idle-sleep", type=float, default=1.0, help="seconds between empty claims")
+    p.add_argument("--concurrency", type=int, default=1, help="rows enriched at once per process")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds a stopping process may finish its batch before its rows are released",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="worker deaths tolerated within --restart-window before giving up",
+    )
+    p.add_argument("--restart-window", type=float, default=60.0, help="seconds (crash loop)")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_stats(sub)
     _add_requeue(sub)
+    _add_worker(sub)
     return parser
 
 

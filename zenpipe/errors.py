@@ -171,3 +171,11 @@ class EmptyBatchError(UpsertError, ValueError):
     after the rows were taken over: refused before anything is written.  Use
     `Upserter.upsert` for records that belong to no claim.
     """
+
+
+class EnrichTargetError(ZenpipeError):
+    """``MODULE:CALLABLE`` given to ``zenpipe worker`` cannot be used: malformed, the
+    module does not import, the attribute is missing, or it is not callable.
+
+    The message names the target and the reason (the import error's own text).
+    """

@@ -1,0 +1,7 @@
+"""``python -m zenpipe.runtime SPEC``: one worker process (see `zenpipe.runtime.process`)."""
+
+import sys
+
+from .process import main
+
+sys.exit(main())
