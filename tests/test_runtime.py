@@ -277,3 +277,25 @@ def test_worker_without_a_database_refuses(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "needs your database" in done.stderr
+
+
+@pytest.mark.slow
+def test_worker_processes_stop_when_the_supervisor_is_killed(dsn: str, tmp_path: Path) -> None:
+    """The supervisor SIGKILLed (no chance to forward anything): its worker processes
+    notice their parent is gone, stop as on SIGTERM (rows released when the grace runs
+    out) and leave the fleet; nothing stays claimed, no orphan keeps working."""
+    ids = _fill(dsn, 2, block=True)
+    server = Server(dsn, tmp_path, "enrich", "--batch", "2", "--grace", "1")
+    try:
+        wait_for((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
+        server.proc.kill()
+        server.proc.wait()
+        assert wait_for(lambda: _no_worker_connections(dsn), timeout=60)
+    finally:
+        server.kill()
+    assert _status(dsn) == {"pending": 2}
+    assert one(dsn, "SELECT max(attempts) FROM results") == 0
+    assert one(dsn, "SELECT count(*) FROM zen_servers") == 0
+    text = server.stderr()
+    assert "stopping (supervisor gone)" in text, text
+    assert "released 2" in text, text
