@@ -33,6 +33,7 @@ from .errors import (
 )
 from .keys import hashtext, partition_key, partition_of, partition_table, route
 from .pool import ZenPool
+from .produce import LoadReport, Producer, enqueue
 from .upsert import Rejection, Upserter, UpsertReport
 from .worker import Worker, WorkerStats
 
@@ -42,12 +43,14 @@ __all__ = [
     "Claimer",
     "ConfigError",
     "FleetBudgetExceeded",
+    "LoadReport",
     "MigrationChecksumError",
     "MigrationError",
     "MigrationLockTimeout",
     "PoolError",
     "PoolQueueFullError",
     "PoolTimeoutError",
+    "Producer",
     "Rejection",
     "SchemaError",
     "ServerIdInUse",
@@ -64,6 +67,7 @@ __all__ = [
     "ZenPool",
     "ZenpipeError",
     "__version__",
+    "enqueue",
     "hashtext",
     "is_transient",
     "keys",

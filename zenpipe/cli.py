@@ -277,6 +277,90 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=run)
 
 
+def _add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe load FILE``: source rows into ``results`` (see docs/producing.md)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .produce import BadInputError, BadLine, load_file  # noqa: PLC0415
+
+        if args.batch < 1:
+            raise ZenpipeError(f"--batch must be at least 1, got {args.batch}")
+        if not -32768 <= args.priority <= 32767:
+            raise ZenpipeError(f"--priority must be in -32768..32767, got {args.priority}")
+        dsn = args.dsn or os.environ.get("ZENPIPE_DSN")
+        if not dsn:
+            raise ZenpipeError(
+                "zenpipe load needs your database: pass --dsn or set ZENPIPE_DSN "
+                "(a throwaway server would drop the rows on exit)"
+            )
+
+        def on_bad(bad: BadLine) -> None:
+            print(bad, file=sys.stderr)
+
+        refused = False
+        try:
+            report = load_file(
+                dsn,
+                args.file,
+                fmt=args.format,
+                priority=args.priority,
+                skip_existing=args.skip_existing,
+                continue_on_error=args.continue_on_error,
+                batch_size=args.batch,
+                on_bad=on_bad,
+            )
+        except BadInputError as e:
+            report, refused = e.report, True
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        elif refused:
+            print(
+                f"refused {args.file}: {report.bad} bad line{'' if report.bad == 1 else 's'}, "
+                "nothing loaded (--continue-on-error loads the good lines)",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"loaded {report.loaded:,}, skipped {report.skipped:,}, bad {report.bad:,} "
+                f"from {args.file} in {report.seconds:.2f} s ({report.rows_per_s:,.0f} rows/s)"
+            )
+        return 2 if refused else 1 if report.bad else 0
+
+    text = "load source rows into results from a JSON Lines or CSV file ('-': stdin)"
+    p = sub.add_parser(
+        "load",
+        help=text,
+        description=f"{text}. Exit 0: every line loaded or skipped; 1: bad lines skipped "
+        "under --continue-on-error; 2: file refused, nothing loaded. Bad lines go to "
+        "stderr as FILE:LINE: reason.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("file", metavar="FILE", help="JSON Lines or CSV file, '-' for stdin")
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    p.add_argument(
+        "--format",
+        choices=("auto", "jsonl", "csv"),
+        default="auto",
+        help="auto: by suffix (.jsonl .ndjson .json .csv), else by the first byte",
+    )
+    p.add_argument(
+        "--priority", type=int, default=0, help="priority of rows that give none (higher first)"
+    )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave out links already pending or claimed, and repeats within the file",
+    )
+    p.add_argument("--batch", type=int, default=5000, help="rows per COPY batch")
+    p.add_argument(
+        "--continue-on-error",
+        action="store_true",
+        help="load the good lines and report the bad ones (default: one bad line refuses all)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zenpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_stats(sub)
     _add_requeue(sub)
+    _add_load(sub)
     _add_worker(sub)
     return parser
 

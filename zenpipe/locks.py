@@ -19,6 +19,7 @@ __all__ = [
     "NAMESPACE_CLAIM",
     "NAMESPACE_FLEET",
     "NAMESPACE_MIGRATION",
+    "NAMESPACE_PRODUCE",
     "Leftovers",
     "leftovers",
 ]
@@ -29,8 +30,11 @@ NAMESPACE_MIGRATION = 0x5A454E00
 NAMESPACE_CLAIM = 0x5A454E01
 #: ``b"ZEN\x02"``: fleet registration (transaction lock around the budget arithmetic).
 NAMESPACE_FLEET = 0x5A454E02
+#: ``b"ZEN\x03"``: producers loading with ``skip_existing`` (one transaction lock, second
+#: key 0, from before the first insert to commit; see zenpipe.produce).
+NAMESPACE_PRODUCE = 0x5A454E03
 
-ALL_NAMESPACES = (NAMESPACE_MIGRATION, NAMESPACE_CLAIM, NAMESPACE_FLEET)
+ALL_NAMESPACES = (NAMESPACE_MIGRATION, NAMESPACE_CLAIM, NAMESPACE_FLEET, NAMESPACE_PRODUCE)
 
 
 @dataclass(frozen=True)
