@@ -135,6 +135,7 @@ class Supervisor:
         self._slots = [_Slot(i) for i in range(processes)]
         self._deaths: deque[float] = deque()
         self._signals = 0
+        self._last_signal = ""
         self._wake = threading.Event()
         self._stopping = False
         self._kill_at = 0.0
