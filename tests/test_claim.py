@@ -455,8 +455,15 @@ def test_complete_in_an_autocommit_connection_is_refused(dsn: str, claimer: Clai
 # -- poison rows --------------------------------------------------------------------------
 
 
+def no_backoff(dsn: str) -> None:
+    """Failed rows are due again at once (the fleet-wide backoff set to zero)."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE zen_settings SET retry_base_seconds = 0, retry_max_seconds = 0")
+
+
 def test_poison_row_is_parked_after_max_attempts_until_requeued(dsn: str) -> None:
     (poison,) = fill(dsn, 1)
+    no_backoff(dsn)
     with Claimer(dsn, owner="w", max_attempts=3) as w:
         for attempt in (1, 2, 3):
             batch = w.claim()
@@ -499,8 +506,8 @@ def test_fail_of_some_claims_releases_only_those(dsn: str, claimer: Claimer) -> 
     batch = claimer.claim()
     claimer.fail(batch.claims[:1], "bad page")
     claimer.complete(Batch(batch.owner, batch.claims[1:], batch.lease_until))
-    assert row(dsn, ids[0])["status"] == "pending"
-    assert statuses(dsn) == {"pending": 1, "done": 3}
+    assert row(dsn, ids[0])["status"] == "retry"  # back after its backoff
+    assert statuses(dsn) == {"retry": 1, "done": 3}
 
 
 def test_requeue_any_status_fences_the_live_claim(dsn: str, claimer: Claimer) -> None:
@@ -807,4 +814,71 @@ def test_release_gives_rows_back_without_spending_an_attempt(dsn: str) -> None:
         x.complete(again)
         w.complete(Batch(batch.owner, batch.claims[2:], batch.lease_until))
     assert statuses(dsn) == {"done": 3}
+    assert_no_leaks(dsn)
+
+
+# -- retries and fleet-wide settings (issue 9, point 4) -----------------------------------
+
+
+def _due_in(dsn: str, rid: int) -> float:
+    with psycopg.connect(dsn) as conn:
+        got = conn.execute(
+            "SELECT extract(epoch FROM not_before - statement_timestamp())::float8 "
+            "FROM results WHERE id = %s AND status = 'retry'",
+            (rid,),
+        ).fetchone()
+    assert got is not None, "the row is not waiting for a retry"
+    return float(got[0])
+
+
+def test_failed_rows_wait_out_an_exponential_jittered_capped_backoff(dsn: str) -> None:
+    (rid,) = fill(dsn, 1)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE zen_settings SET retry_base_seconds = 100, retry_max_seconds = 250, "
+            "retry_jitter = 0.5"
+        )
+    with Claimer(dsn, owner="w") as w:
+        for attempt, (lo, hi) in enumerate([(50, 100), (100, 200), (125, 250)], start=1):
+            batch = w.claim()
+            assert batch.ids == [rid] and batch.claims[0].attempt == attempt
+            w.fail(batch, f"boom {attempt}")
+            due = _due_in(dsn, rid)
+            assert lo - 1 <= due <= hi, (attempt, due)
+            waiting = w.claim()  # not claimable while it waits...
+            assert waiting.ids == [] and not waiting.contended
+            assert waiting.retry_in is not None and lo - 2 <= waiting.retry_in <= hi
+            with psycopg.connect(dsn) as conn:  # ...claimable once its time has come
+                conn.execute(
+                    "UPDATE results SET not_before = clock_timestamp() - interval '1 s' "
+                    "WHERE id = %s",
+                    (rid,),
+                )
+        last = w.claim()
+        assert last.claims[0].attempt == 4
+        w.complete(last)
+    assert statuses(dsn) == {"done": 1}
+    assert_no_leaks(dsn)
+
+
+def test_max_attempts_is_a_fleet_wide_setting(dsn: str) -> None:
+    """Claimers without an override read zen_settings.max_attempts at each statement: a
+    change applies to the whole fleet at once."""
+    a, b = fill(dsn, 2)
+    no_backoff(dsn)
+    with Claimer(dsn, owner="fleet", batch_size=1) as fleet:
+        first = fleet.claim()
+        fleet.fail(first, "boom")
+        assert row(dsn, a)["status"] == "retry"  # 1 attempt of the default 5
+        with psycopg.connect(dsn) as conn:
+            conn.execute("UPDATE zen_settings SET max_attempts = 2")
+        again = fleet.claim()
+        assert again.ids == [a]
+        fleet.fail(again, "boom")
+        assert row(dsn, a)["status"] == "failed"  # the new fleet-wide limit
+        with Claimer(dsn, owner="tool", batch_size=1, max_attempts=1) as tool:
+            mine = tool.claim()
+            assert mine.ids == [b]
+            tool.fail(mine, "boom")  # this claimer's own override
+        assert row(dsn, b)["status"] == "failed"
     assert_no_leaks(dsn)

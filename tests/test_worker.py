@@ -172,7 +172,7 @@ def test_lost_fail_acknowledgement_does_not_abandon_the_good_rows(dsn: str) -> N
     assert w.stats.stale_batches == 0
     assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 4
     assert one(dsn, "SELECT status, last_error FROM results WHERE data->>'poison' = 'true'") == (
-        "pending",
+        "retry",
         "ValueError: page does not parse",
     )
     assert one(dsn, "SELECT count(*) FROM zen_contacts") == 4

@@ -86,6 +86,9 @@ class Batch:
     claims: tuple[Claim, ...]
     lease_until: datetime
     contended: bool = False
+    #: Seconds until the next failed row's backoff is over (0 when one is due now),
+    #: None when no row is waiting to be retried.
+    retry_in: float | None = None
 
     def __len__(self) -> int:
         return len(self.claims)
@@ -112,7 +115,9 @@ class Claimer:
     *owner* names the worker (server + process + thread) in the rows it holds.  Rows are
     held for *lease_seconds* after a claim or `extend()`.  A row that failed
     *max_attempts* times is parked as failed, and so is a row whose lease ran out while
-    it was claimed alone that many claims in (its worker died on it).  A claim looks at
+    it was claimed alone that many claims in (its worker died on it); by default
+    (None) the fleet-wide ``zen_settings.max_attempts`` decides, read by each statement.
+    A failed row below it is retried after the fleet's backoff (``zen_settings``).  A claim looks at
     ``scan_factor * limit`` candidate rows per window, and past up to *scan_windows*
     windows when every candidate is being taken by other claimers at the same moment;
     such rows are skipped, so a batch can come back smaller than asked when many
@@ -129,7 +134,7 @@ class Claimer:
         owner: str,
         batch_size: int = 100,
         lease_seconds: float = 300.0,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         scan_factor: int = 4,
         scan_windows: int = 4,
         retries: int = 5,
@@ -141,7 +146,7 @@ class Claimer:
             raise ValueError("batch_size must be at least 1")
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
-        if max_attempts < 1:
+        if max_attempts is not None and max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if scan_factor < 1 or scan_windows < 1:
             raise ValueError("scan_factor and scan_windows must be at least 1")
@@ -226,7 +231,7 @@ class Claimer:
         for _ in range(self.retries + 5):
             if savepoint:
                 conn.execute(q["savepoint"])
-            locked, contended = self._lock(conn, n)
+            locked, contended, retry_in = self._lock(conn, n)
             claimed: list[tuple[Any, ...]] = []
             claim_id = uuid4()
             if locked:
@@ -245,7 +250,7 @@ class Claimer:
             if len(locked) == len(claimed):
                 if savepoint:
                     conn.execute(q["release"])
-                return self._batch(claimed, claim_id, contended=contended)
+                return self._batch(claimed, claim_id, contended=contended, retry_in=retry_in)
             # A locked row was claimed (or settled) by a transaction that committed after
             # the lock statement's snapshot: drop every lock taken and look again.
             self.race_rollbacks += 1
@@ -256,10 +261,11 @@ class Claimer:
             else:
                 conn.rollback()
         logger.warning("claim kept racing with other claimers; returning an empty batch")
-        return self._batch([], uuid4(), contended=True)
+        return self._batch([], uuid4(), contended=True, retry_in=None)
 
-    def _lock(self, conn: Conn, n: int) -> tuple[list[int], bool]:
-        """Lock up to *n* candidates, window after window; return (ids, contended).
+    def _lock(self, conn: Conn, n: int) -> tuple[list[int], bool, float | None]:
+        """Lock up to *n* candidates, window after window; return (ids, contended,
+        seconds until the next retry is due).
 
         A window whose candidates are all locked by other claimers is not the end of
         the work: the next window starts after its last row (a keyset on the pending
@@ -278,9 +284,11 @@ class Claimer:
         for _ in range(self.scan_windows):
             row = conn.execute(self._queries["claim_lock"], params).fetchone()
             assert row is not None
-            ids, _group, expired, seen, last_priority, last_id = row
+            ids, _group, expired, seen, last_priority, last_id, retry_in = row
+            if retry_in is not None:
+                retry_in = max(0.0, float(retry_in))
             if ids or not seen:
-                return list(ids), contended
+                return list(ids), contended, retry_in
             contended = True  # candidates were there, every one locked by someone else
             if expired:  # the expired rows are being taken: look at pending ones
                 params |= {"source": "pending", "after_priority": None, "after_id": None}
@@ -289,7 +297,7 @@ class Claimer:
             else:
                 params |= {"source": "pending", "after_priority": last_priority,
                            "after_id": last_id}  # fmt: skip
-        return [], contended
+        return [], contended, retry_in
 
     def _park_exhausted(self) -> None:
         """Park rows whose lease expired while claimed alone ``max_attempts`` claims in,
@@ -312,13 +320,19 @@ class Claimer:
         if parked:
             self.parked += len(parked)
             logger.warning(
-                "parked %d rows whose lease expired while enriched alone after %d attempts: %s",
+                "parked %d rows whose lease expired while enriched alone at max_attempts: %s",
                 len(parked),
-                self.max_attempts,
                 parked[:20],
             )
 
-    def _batch(self, rows: Sequence[tuple[Any, ...]], claim_id: UUID, *, contended: bool) -> Batch:
+    def _batch(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        claim_id: UUID,
+        *,
+        contended: bool,
+        retry_in: float | None,
+    ) -> Batch:
         # rows: (id, token, attempts, link, data, priority, lease_until)
         ordered = sorted(rows, key=lambda r: (-r[5], r[0]))
         claims = tuple(
@@ -327,7 +341,11 @@ class Claimer:
         )
         lease = min(r[6] for r in ordered) if ordered else datetime.now(UTC)
         return Batch(
-            owner=self.owner, claims=claims, lease_until=lease, contended=contended and not claims
+            owner=self.owner,
+            claims=claims,
+            lease_until=lease,
+            contended=contended and not claims,
+            retry_in=retry_in,
         )
 
     # -- settle -----------------------------------------------------------------------

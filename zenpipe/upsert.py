@@ -42,6 +42,7 @@ from tenacity import (
 from . import queries
 from .errors import EmptyBatchError, UpsertError, is_transient
 from .keys import route
+from .pool import guarded_pool
 from .validate import (
     MAX_FUTURE_US,
     MAX_INDEXED_TEXT_BYTES,
@@ -302,8 +303,9 @@ class _Written(NamedTuple):
 class Upserter:
     """Merges contact records into ``zen_contacts``; one instance per worker process.
 
-    *conninfo* is a libpq connection string (the upserter opens a small pool of its own,
-    ``prepare_threshold=None`` so that it works behind PgBouncer in transaction mode) or a
+    *conninfo* is a libpq connection string (the upserter opens a small
+    `zenpipe.pool.guarded_pool` of its own: the fleet's statement, lock and
+    idle-in-transaction timeouts, no prepared statements behind PgBouncer) or a
     `psycopg_pool.ConnectionPool` owned by the caller.  *server_id* is stored as
     ``last_scrape_server`` and in ``zen_rejects``.  Records with more than
     *max_array_items* distinct emails (phones, WhatsApp numbers) are rejected.  A batch
@@ -348,13 +350,11 @@ class Upserter:
         self._prep_executor: ThreadPoolExecutor | None = None
         self._group_executor: ThreadPoolExecutor | None = None
         if isinstance(conninfo, str):
-            self._pool: ConnectionPool[Any] = ConnectionPool(
+            self._pool: ConnectionPool[Any] = guarded_pool(
                 conninfo,
+                name=f"zenpipe-upsert-{server_id}",
                 min_size=1,
                 max_size=max(pool_size, parallel),
-                kwargs={"prepare_threshold": None},
-                open=True,
-                name=f"zenpipe-upsert-{server_id}",
             )
             self._own_pool = True
         else:
@@ -506,14 +506,19 @@ class Upserter:
         return self._report(prepared, written, retries=attempts - 1)
 
     def _batch_done(self, conn: psycopg.Connection[Any], batch: Batch) -> bool:
-        """Whether every claim of *batch* is already done under its token.
+        """Whether every claim of *batch* is already done under its claim (token and
+        claim_id).
 
         Locks the batch's rows first: blocks while another transaction (an earlier
         attempt whose commit is in doubt) holds them, then reads their outcome."""
         claims = batch.claims
         if not claims:
             return False
-        params = {"ids": [c.id for c in claims], "tokens": [c.token for c in claims]}
+        params = {
+            "ids": [c.id for c in claims],
+            "tokens": [c.token for c in claims],
+            "claim_ids": [c.claim_id for c in claims],
+        }
         row = conn.execute(self._queries["batch_done"], params).fetchone()
         return row is not None and int(row[0]) == len(claims)
 

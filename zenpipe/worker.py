@@ -132,7 +132,7 @@ class Worker:
         name: str = "w0",
         batch_size: int = 100,
         lease_seconds: float = 300.0,
-        max_attempts: int = 5,
+        max_attempts: int | None = None,
         idle_sleep: float = 1.0,
         concurrency: int = 1,
     ) -> None:
@@ -144,6 +144,7 @@ class Worker:
         self.concurrency = concurrency
         self.stats = WorkerStats()
         self._contended = False
+        self._retry_in: float | None = None
         self._abort = threading.Event()
         self._is_async = inspect.iscoroutinefunction(enrich)
         self._executor: ThreadPoolExecutor | None = None
@@ -203,6 +204,7 @@ class Worker:
             return 0
         batch = self.claimer.claim()
         self._contended = batch.contended
+        self._retry_in = batch.retry_in
         if not batch:
             return 0
         started = time.monotonic()
@@ -368,7 +370,8 @@ class Worker:
 
     def run(self, stop: threading.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Process batches until *stop* is set (or, with *until_idle*, until a claim finds
-        nothing eligible); sleep *idle_sleep* seconds between empty claims.
+        nothing eligible and no failed row waits out its backoff); sleep *idle_sleep*
+        seconds between empty claims (less when a retry is due sooner).
 
         A claim that came back empty only because other claimers were taking every
         candidate at that moment (`zenpipe.claim.Batch.contended`) is tried again after
@@ -385,12 +388,14 @@ class Worker:
                     time.sleep(pause)
                 continue
             self.stats.idle_polls += 1
-            if until_idle:
+            retry_in = self._retry_in
+            if until_idle and retry_in is None:
                 break
+            pause = self.idle_sleep if retry_in is None else min(self.idle_sleep, retry_in)
             if stop is not None:
-                stop.wait(self.idle_sleep)
+                stop.wait(pause)
             else:
-                time.sleep(self.idle_sleep)
+                time.sleep(pause)
         return self.stats
 
     def _record(

@@ -15,7 +15,8 @@
 --  * locked: try the two-key transaction lock over that fixed set; the LIMIT stops the
 --    executor calling the function once the group's size of locks is held.
 -- One row back: the ids locked, the source of the window, how many candidates it had
--- (a full window may have more behind it) and its last key (the next window's keyset).
+-- (a full window may have more behind it), its last key (the next window's keyset),
+-- and when the next row in backoff is due.
 -- Times are statement_timestamp(): now() is the start of a caller's transaction, which
 -- may be older than a lease.
 WITH expired AS MATERIALIZED (
@@ -24,21 +25,35 @@ WITH expired AS MATERIALIZED (
     WHERE %(source)s = 'auto'
       AND e.status = 'claimed' AND e.lease_until < statement_timestamp()
       AND NOT (coalesce(e.claim_size, 1) = 1 AND NOT e.settling
-               AND e.attempts >= %(max_attempts)s)
+               AND e.attempts >= coalesce(%(max_attempts)s::integer, zen_max_attempts_v1()))
     ORDER BY e.priority DESC, e.id
     LIMIT %(scan)s
 ),
 candidates AS MATERIALIZED (
     SELECT x.id, x.priority FROM expired AS x
     UNION ALL
-    (SELECT p.id, p.priority
-     FROM results AS p
-     WHERE p.status = 'pending'
-       AND NOT EXISTS (SELECT FROM expired)
-       AND (%(after_priority)s::integer IS NULL
-            OR p.priority < %(after_priority)s::integer
-            OR (p.priority = %(after_priority)s::integer AND p.id > %(after_id)s::bigint))
-     ORDER BY p.priority DESC, p.id
+    (SELECT q.id, q.priority
+     FROM ((SELECT p.id, p.priority
+            FROM results AS p
+            WHERE p.status = 'pending'
+              AND NOT EXISTS (SELECT FROM expired)
+              AND (%(after_priority)s::integer IS NULL
+                   OR p.priority < %(after_priority)s::integer
+                   OR (p.priority = %(after_priority)s::integer AND p.id > %(after_id)s::bigint))
+            ORDER BY p.priority DESC, p.id
+            LIMIT %(scan)s)
+           UNION ALL
+           -- failed rows whose backoff is over (results_retry_idx): few at a time
+           (SELECT t.id, t.priority
+            FROM results AS t
+            WHERE t.status = 'retry' AND t.not_before <= statement_timestamp()
+              AND NOT EXISTS (SELECT FROM expired)
+              AND (%(after_priority)s::integer IS NULL
+                   OR t.priority < %(after_priority)s::integer
+                   OR (t.priority = %(after_priority)s::integer AND t.id > %(after_id)s::bigint))
+            ORDER BY t.priority DESC, t.id
+            LIMIT %(scan)s)) AS q
+     ORDER BY q.priority DESC, q.id
      LIMIT %(scan)s)
     LIMIT %(scan)s
 ),
@@ -58,7 +73,10 @@ SELECT (SELECT coalesce(array_agg(l.id), '{}') FROM locked AS l) AS ids,
        (SELECT g.n FROM grp AS g) AS group_size,
        EXISTS (SELECT FROM expired) AS expired,
        (SELECT count(*) FROM candidates) AS seen,
-       last.priority, last.id
+       last.priority, last.id,
+       -- seconds until the next failed row is due again (NULL: none waits)
+       (SELECT extract(epoch FROM min(t.not_before) - statement_timestamp())::float8
+        FROM results AS t WHERE t.status = 'retry') AS retry_in
 FROM (SELECT NULL) AS one
 LEFT JOIN LATERAL (
     SELECT c.priority, c.id FROM candidates AS c ORDER BY c.priority, c.id DESC LIMIT 1
@@ -86,13 +104,15 @@ SET status = 'claimed',
     lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
     attempts = r.attempts + 1,
     expiries = r.expiries + (r.status = 'claimed' AND NOT r.settling)::integer,
-    settling = false
+    settling = false,
+    not_before = NULL
 FROM fence AS f
 WHERE r.id = ANY (%(ids)s::bigint[])
   AND (r.status = 'pending'
+       OR (r.status = 'retry' AND r.not_before <= statement_timestamp())
        OR (r.status = 'claimed' AND r.lease_until < statement_timestamp()
            AND NOT (coalesce(r.claim_size, 1) = 1 AND NOT r.settling
-                    AND r.attempts >= %(max_attempts)s)))
+                    AND r.attempts >= coalesce(%(max_attempts)s::integer, zen_max_attempts_v1()))))
 RETURNING r.id, r.claim_token, r.attempts, r.link, r.data, r.priority, r.lease_until;
 
 -- name: park_exhausted
@@ -115,7 +135,7 @@ FROM (SELECT x.id
       WHERE x.status = 'claimed'
         AND x.lease_until < statement_timestamp()
         AND coalesce(x.claim_size, 1) = 1 AND NOT x.settling
-        AND x.attempts >= %(max_attempts)s
+        AND x.attempts >= coalesce(%(max_attempts)s::integer, zen_max_attempts_v1())
       ORDER BY x.id
       FOR UPDATE SKIP LOCKED) AS e
 WHERE r.id = e.id
@@ -159,17 +179,22 @@ WHERE r.id = ANY (%(ids)s::bigint[])
 RETURNING r.id, r.lease_until;
 
 -- name: fail
--- Record a failure on the rows of one claim in one statement (by primary key): back to
--- pending while attempts (claims so far) is below %(max_attempts)s, else parked as
--- failed, which neither claim index holds, so only requeue() brings it back.
--- Idempotent under the claim: a row already released by this very claim (pending or
+-- Record a failure on the rows of one claim in one statement (by primary key): to retry
+-- after a backoff (zen_retry_delay_v1: exponential, capped, jittered, from zen_settings)
+-- while attempts (claims so far) is below max_attempts (the caller's, else the fleet's
+-- zen_settings.max_attempts), else parked as failed, which no claim index holds, so only
+-- requeue() brings it back.
+-- Idempotent under the claim: a row already released by this very claim (retry or
 -- failed, still carrying our token and claim_id: a retry after a lost COMMIT
 -- acknowledgement) is matched again and left as it is, so the retry succeeds instead
 -- of abandoning the batch. A new claim of the row replaces the claim_id: fenced.
 UPDATE results AS r
 SET status = CASE WHEN r.status <> 'claimed' THEN r.status
-                  WHEN r.attempts >= %(max_attempts)s THEN 'failed'
-                  ELSE 'pending' END,
+                  WHEN r.attempts >= coalesce(%(max_attempts)s::integer, zen_max_attempts_v1()) THEN 'failed'
+                  ELSE 'retry' END,
+    not_before = CASE WHEN r.status <> 'claimed' THEN r.not_before
+                      ELSE statement_timestamp()
+                           + make_interval(secs => zen_retry_delay_v1(r.attempts)) END,
     last_error = CASE WHEN r.status = 'claimed' THEN %(error)s ELSE r.last_error END,
     lease_until = NULL,
     settling = false,
@@ -177,7 +202,7 @@ SET status = CASE WHEN r.status <> 'claimed' THEN r.status
 WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.claim_token = %(token)s
   AND r.claim_id = %(claim_id)s
-  AND r.status IN ('claimed', 'pending', 'failed')
+  AND r.status IN ('claimed', 'pending', 'failed', 'retry')
 RETURNING r.id, r.status;
 
 -- name: release_rows
@@ -203,14 +228,14 @@ RETURNING r.id;
 -- them. last_error is kept for the post-mortem.
 UPDATE results AS r
 SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
-    settling = false
+    settling = false, not_before = NULL
 WHERE r.status = 'failed';
 
 -- name: requeue_failed_ids
 -- The same, limited to the ids given (primary key lookups).
 UPDATE results AS r
 SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
-    settling = false
+    settling = false, not_before = NULL
 WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'failed';
 
 -- name: requeue_ids
@@ -218,14 +243,14 @@ WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'failed';
 -- claim_token is cleared, so a worker still holding one of these rows is fenced off.
 UPDATE results AS r
 SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
-    claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false
+    claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false, not_before = NULL
 WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status <> 'pending';
 
 -- name: requeue_all
 -- Every non-pending row back to pending (full re-run), fencing off live claims.
 UPDATE results AS r
 SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
-    claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false
+    claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false, not_before = NULL
 WHERE r.status <> 'pending';
 
 -- name: savepoint

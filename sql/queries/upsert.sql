@@ -312,11 +312,11 @@ SELECT
 -- rows by primary key first, in id order (FOR NO KEY UPDATE: the lock complete() takes;
 -- it does not block foreign key checks), so an in-doubt transaction is waited out; the
 -- locked rows are the latest committed versions (READ COMMITTED re-reads a row it waited
--- for). The claim's rows done under this batch's tokens prove the commit landed (tokens
--- are unique per claim), and the retry must then not write again (scrape_count would
--- count the batch twice).
+-- for). The claim's rows done under this batch's token and claim_id prove the commit
+-- landed (the claim_id is unique per claim even where tokens repeat: docs/claiming.md),
+-- and the retry must then not write again (scrape_count would count the batch twice).
 WITH locked AS MATERIALIZED (
-    SELECT r.id, r.claim_token, r.status
+    SELECT r.id, r.claim_token, r.claim_id, r.status
     FROM results AS r
     WHERE r.id = ANY (%(ids)s::bigint[])
     ORDER BY r.id
@@ -324,8 +324,9 @@ WITH locked AS MATERIALIZED (
 )
 SELECT count(*)
 FROM locked AS l
-JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS b (id, token)
-  ON l.id = b.id AND l.claim_token = b.token
+JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(claim_ids)s::uuid[])
+     AS b (id, token, claim_id)
+  ON l.id = b.id AND l.claim_token = b.token AND l.claim_id = b.claim_id
 WHERE l.status = 'done';
 
 -- name: prune_upsert_keys
