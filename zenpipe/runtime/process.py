@@ -221,15 +221,20 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
     except (ZenpipeError, psycopg.Error) as e:  # budget full, id in use, no server
         logger.error("cannot join the fleet: %s", str(e).strip())
         return EXIT_CRASH
-    worker = Worker(pool, enrich, server_id=pool.server_id, **_worker_kwargs(spec))
-    owner = worker.claimer.owner
-    claimer = _TrackingClaimer(
-        pool,
-        owner=owner,
-        batch_size=worker.claimer.batch_size,
-        lease_seconds=worker.claimer.lease_seconds,
-        max_attempts=worker.claimer.max_attempts,
-    )
+    try:
+        worker = Worker(pool, enrich, server_id=pool.server_id, **_worker_kwargs(spec))
+        owner = worker.claimer.owner
+        claimer = _TrackingClaimer(
+            pool,
+            owner=owner,
+            batch_size=worker.claimer.batch_size,
+            lease_seconds=worker.claimer.lease_seconds,
+            max_attempts=worker.claimer.max_attempts,
+        )
+    except ValueError as e:  # sizes the worker refuses: restarting cannot help
+        pool.close()
+        logger.error("%s", e)
+        return EXIT_CONFIG
     worker.claimer = claimer
     outcome: dict[str, BaseException] = {}
 
@@ -263,7 +268,7 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
         # A claim running now gives its rows back itself when it returns: wait for it.
         claimer.wait_claims(settings.statement_timeout or 60.0)
         logger.warning(
-            "worker %d: grace of %.0f s ran out with an enrichment running: "
+            "worker %d: grace of %.0f s ran out with a batch in flight: "
             "released %d rows (no attempt spent)",
             spec.index,
             spec.grace,
