@@ -149,8 +149,14 @@ def test_bad_line_aborts_with_nothing_loaded_and_names_every_line(dsn: str, tmp_
     f = tmp_path / "bad.jsonl"
     f.write_text("\n".join(lines) + "\n")
     seen: list[BadLine] = []
-    with pytest.raises(BadInputError) as err:
-        load_file(dsn, f, batch_size=2, on_bad=seen.append)  # batches before line 4 written
+
+    def on_bad(bad: BadLine) -> None:
+        if seen:  # reading on after the first bad line: the transaction is already over
+            assert_no_leaks(dsn)
+        seen.append(bad)
+
+    with pytest.raises(BadInputError) as err:  # batches before line 4 written, rolled back
+        load_file(dsn, f, batch_size=2, skip_existing=True, on_bad=on_bad)
     report = err.value.report
     assert not report.committed
     assert (report.loaded, report.bad) == (0, 3)
@@ -422,3 +428,38 @@ def test_cli_load_exit_codes_and_bad_lines_on_stderr(
     assert "cannot read" in capsys.readouterr().err
     assert main(["load", str(good), "--dsn", dsn, "--batch", "0"]) == 2
     assert "--batch must be at least 1" in capsys.readouterr().err
+
+
+def test_skip_existing_check_reads_the_partial_link_index(dsn: str) -> None:
+    """insert_new's anti-join reads results_link_idx (partial: pending and claimed), not
+    the whole table, however many done rows the table has."""
+    from zenpipe.queries import load
+
+    q = load("produce")
+    with psycopg.connect(dsn) as conn:
+        definition = conn.execute("SELECT pg_get_indexdef('results_link_idx'::regclass)").fetchone()
+        assert definition is not None
+        assert (
+            "(link) WHERE (status = ANY (ARRAY['pending'::text, 'claimed'::text]))"
+            in (definition[0])
+        )
+        conn.execute(
+            "INSERT INTO results (link, data, status, done_at) "
+            "SELECT 'https://done-' || i || '.example', '{}', 'done', now() "
+            "FROM generate_series(1, 100000) AS i"
+        )
+        conn.execute(
+            "INSERT INTO results (link, data) "
+            "SELECT 'https://pending-' || i || '.example', '{}' FROM generate_series(1, 2000) i"
+        )
+        conn.execute("ANALYZE results")
+        conn.execute(q["create_stage"])
+        with conn.cursor() as cur, cur.copy(q["copy_stage"]) as copy:
+            copy.set_types(["int8", "text", "text", "bool", "int2"])
+            for i in range(5000):
+                copy.write_row((i, f"https://pending-{i}.example", "{}", False, 0))
+        plan = "\n".join(
+            str(r[0]) for r in conn.execute(b"EXPLAIN (COSTS OFF) " + q["insert_new"].as_bytes())
+        )
+        assert "results_link_idx" in plan, plan
+        assert "Seq Scan on results" not in plan, plan

@@ -462,28 +462,22 @@ def _load(
         if on_bad is not None:
             on_bad(bad)
 
+    rest = iter(items)
     refused = False
     try:
         with pool.connection() as conn:
             writer = _Writer(conn, skip_existing=skip_existing, lock_wait=lock_wait)
             batch: list[_Row] = []
-            for number, item in items:
+            for number, item in rest:
                 if isinstance(item, _Bad):
                     bad_line(BadLine(source, number, str(item)))
-                    if fail_fast:
-                        raise _Refused
                     if not continue_on_error:
-                        refused = True  # keep reading: every bad line is reported
-                        batch.clear()
-                    continue
-                if refused:
+                        raise _Refused  # rolls the transaction back now
                     continue
                 batch.append(item)
                 if len(batch) >= batch_size:
                     writer.write(batch)
                     batch = []
-            if refused:
-                raise _Refused  # rolls the transaction back
             writer.write(batch)
             writer.finish()
     except _Fatal as fatal:
@@ -491,6 +485,15 @@ def _load(
         refused = True
     except _Refused:
         refused = True
+        if not fail_fast:
+            # Read on, outside any transaction (no lock held, no session idling in a
+            # transaction), so that every bad line is reported.
+            try:
+                for number, item in rest:
+                    if isinstance(item, _Bad):
+                        bad_line(BadLine(source, number, str(item)))
+            except _Fatal as fatal:  # pragma: no cover - readers raise it at the start only
+                bad_line(fatal.bad)
     report.seconds = time.monotonic() - started
     if refused:
         raise BadInputError(report)
