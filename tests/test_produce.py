@@ -463,3 +463,21 @@ def test_skip_existing_check_reads_the_partial_link_index(dsn: str) -> None:
         )
         assert "results_link_idx" in plan, plan
         assert "Seq Scan on results" not in plan, plan
+
+
+def test_cli_load_reads_standard_input(dsn: str) -> None:
+    import subprocess
+    import sys
+
+    lines = "".join(f'{{"link": "https://{i}.example", "name": "n{i}"}}\n' for i in range(5))
+    done = subprocess.run(
+        [sys.executable, "-m", "zenpipe", "load", "-", "--dsn", dsn, "--skip-existing"],
+        input=lines + lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("loaded 5, skipped 5, bad 0 from -"), done.stdout
+    assert count(dsn) == 5
