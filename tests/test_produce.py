@@ -481,3 +481,20 @@ def test_cli_load_reads_standard_input(dsn: str) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("loaded 5, skipped 5, bad 0 from -"), done.stdout
     assert count(dsn) == 5
+
+
+def test_skip_existing_waits_for_the_produce_lock_at_most_lock_wait(dsn: str) -> None:
+    from zenpipe.locks import NAMESPACE_PRODUCE
+
+    with psycopg.connect(dsn) as holder:  # another skip_existing load, not yet committed
+        holder.execute("SELECT pg_advisory_xact_lock(%s, 0)", (NAMESPACE_PRODUCE,))
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            enqueue(dsn, [{"link": "https://a.example"}], skip_existing=True, lock_wait=0.2)
+        # a load without skip_existing never takes the lock
+        assert enqueue(dsn, [{"link": "https://a.example"}]).loaded == 1
+        holder.rollback()
+    report = enqueue(
+        dsn, [{"link": "https://a.example"}, {"link": "https://b.example"}], skip_existing=True
+    )
+    assert (report.loaded, report.skipped) == (1, 1)
+    assert_no_leaks(dsn)

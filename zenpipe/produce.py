@@ -414,9 +414,13 @@ class _Writer:
 
     def _lock(self, cur: psycopg.Cursor[Any]) -> None:
         q = self.q
-        wait = f"{max(int(self.lock_wait * 1000), 1)}ms"
-        row = cur.execute(q["set_lock_wait"], {"wait": wait}).fetchone()
-        assert row is not None
+        wait_ms = max(int(self.lock_wait * 1000), 1)
+        row = cur.execute(
+            q["set_lock_wait"],
+            {"wait": f"{wait_ms}ms", "statement_wait": f"{wait_ms + 1000}ms"},
+        ).fetchone()
+        if row is None:  # pragma: no cover - a SELECT without FROM returns one row
+            raise RuntimeError("set_lock_wait returned no row")
         cur.execute(q["take_lock"], {"namespace": NAMESPACE_PRODUCE})
         cur.execute(q["restore_lock_wait"], {"lock_timeout": row[0], "statement_timeout": row[1]})
         self.locked = True

@@ -51,11 +51,12 @@ ORDER BY d.ord;
 
 -- name: set_lock_wait
 -- How long take_lock may wait for another skip_existing load to commit, for this
--- transaction only (the statement_timeout would cut the wait short too); returns the
+-- transaction only; the statement_timeout, which would cut the wait short, a little
+-- longer, so that a wait that runs out is a lock_timeout (LockNotAvailable). Returns the
 -- settings it replaces so that restore_lock_wait puts them back for the inserts.
 SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),
        set_config('lock_timeout', %(wait)s, true),
-       set_config('statement_timeout', %(wait)s, true);
+       set_config('statement_timeout', %(statement_wait)s, true);
 
 -- name: take_lock
 -- One lock for every skip_existing producer (NAMESPACE_PRODUCE, 0), held to commit:
