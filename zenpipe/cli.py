@@ -355,7 +355,7 @@ def _add_load(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--continue-on-error",
         action="store_true",
-        help="load the good lines and report the bad ones (default: one bad line refuses all)",
+        help="load the good lines and report the bad ones; without it one bad line refuses all",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
