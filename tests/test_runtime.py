@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ class Server:
     def stderr(self) -> str:
         return self.log.read_text()
 
+    def wait_until(self, cond: Callable[[], object], timeout: float) -> None:
+        """`wait_for` that shows the server's log (and exit code) when it fails."""
+        try:
+            wait_for(cond, timeout=timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"condition not met in {timeout} s; exit code {self.proc.poll()}; "
+                f"log:\n{self.stderr()[-6000:]}"
+            ) from None
+
     def interrupt(self) -> float:
         """Ctrl-C: SIGINT to the whole process group; return when it was sent."""
         os.killpg(self.proc.pid, signal.SIGINT)
@@ -118,7 +129,7 @@ def test_sigint_to_the_process_group_stops_within_5s_leaving_nothing_claimed(
     _fill(dsn, n, sleep=0.01)
     server = Server(dsn, tmp_path, "enrich", "--processes", "2", "--batch", "10")
     try:
-        wait_for(lambda: _status(dsn).get("done", 0) >= 40, timeout=120)
+        server.wait_until(lambda: _status(dsn).get("done", 0) >= 40, timeout=120)
         assert one(dsn, "SELECT count(*) FROM zen_servers") == 2  # one fleet member each
         sent = server.interrupt()
         assert server.wait(timeout=5) == 0
@@ -137,7 +148,7 @@ def test_sigint_to_the_process_group_stops_within_5s_leaving_nothing_claimed(
 
     again = Server(dsn, tmp_path, "enrich", "--processes", "2", "--batch", "10")
     try:
-        wait_for(lambda: _done(dsn, n), timeout=120)
+        again.wait_until(lambda: _done(dsn, n), timeout=120)
         sent = again.interrupt()
         assert again.wait(timeout=5) == 0
         print(f"stopped {time.monotonic() - sent:.2f} s after SIGINT while idle")
@@ -160,7 +171,7 @@ def test_grace_running_out_releases_the_rows_of_a_blocked_enrichment(
     ids = _fill(dsn, 3, block=True)
     server = Server(dsn, tmp_path, "enrich", "--batch", "3", "--grace", "2")
     try:
-        wait_for((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
+        server.wait_until((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
         assert _status(dsn) == {"claimed": 3}
         if how.startswith("SIGINT"):
             sent = server.interrupt()
@@ -190,7 +201,7 @@ def test_a_killed_worker_process_is_restarted_and_the_work_completes(
     _fill(dsn, 1, tag="k", kill_once=True)
     server = Server(dsn, tmp_path, "enrich", "--processes", "2", "--batch", "5")
     try:
-        wait_for(lambda: _done(dsn, n + 1), timeout=180)
+        server.wait_until(lambda: _done(dsn, n + 1), timeout=180)
         server.interrupt()
         assert server.wait(timeout=30) == 0
     finally:
@@ -229,9 +240,9 @@ def test_a_second_sigint_exits_at_once(dsn: str, tmp_path: Path) -> None:
     ids = _fill(dsn, 2, block=True)
     server = Server(dsn, tmp_path, "enrich", "--batch", "2", "--grace", "60")
     try:
-        wait_for((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
+        server.wait_until((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
         server.interrupt()
-        wait_for(lambda: "stopping (SIGTERM)" in server.stderr(), timeout=30)
+        server.wait_until(lambda: "stopping (SIGTERM)" in server.stderr(), timeout=30)
         sent = server.interrupt()
         assert server.wait(timeout=10) == 130
         print(f"exited {time.monotonic() - sent:.2f} s after the second SIGINT")
@@ -293,7 +304,7 @@ def test_worker_processes_stop_when_the_supervisor_is_killed(dsn: str, tmp_path:
     ids = _fill(dsn, 2, block=True)
     server = Server(dsn, tmp_path, "enrich", "--batch", "2", "--grace", "1")
     try:
-        wait_for((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
+        server.wait_until((tmp_path / f"entered-{ids[0]}").exists, timeout=120)
         server.proc.kill()
         server.proc.wait()
         assert wait_for(lambda: _no_worker_connections(dsn), timeout=60)

@@ -258,7 +258,12 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--processes", type=int, default=1, help="worker processes")
     p.add_argument("--batch", type=int, default=100, help="rows per claim")
     p.add_argument("--lease", type=float, default=300.0, help="seconds a claim holds its rows")
-    p.add_argument("--max-attempts", type=int, default=5, help="claims before a row is parked")
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        help="claims before a row is parked (None: the fleet-wide zen_settings.max_attempts)",
+    )
     p.add_argument("--idle-sleep", type=float, default=1.0, help="seconds between empty claims")
     p.add_argument("--concurrency", type=int, default=1, help="rows enriched at once per process")
     p.add_argument(

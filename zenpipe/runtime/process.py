@@ -66,7 +66,8 @@ class ProcessSpec:
     target: str
     batch_size: int = 100
     lease_seconds: float = 300.0
-    max_attempts: int = 5
+    #: None: the fleet-wide ``zen_settings.max_attempts`` decides.
+    max_attempts: int | None = None
     idle_sleep: float = 1.0
     concurrency: int = 1
     grace: float = 30.0

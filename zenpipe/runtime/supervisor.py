@@ -118,7 +118,10 @@ class Supervisor:
             (spec.lease_seconds > 0, f"--lease must be positive, got {spec.lease_seconds}"),
             (spec.grace >= 0, f"--grace must not be negative, got {spec.grace}"),
             (spec.concurrency >= 1, f"--concurrency must be at least 1, got {spec.concurrency}"),
-            (spec.max_attempts >= 1, f"--max-attempts must be at least 1, got {spec.max_attempts}"),
+            (
+                spec.max_attempts is None or spec.max_attempts >= 1,
+                f"--max-attempts must be at least 1, got {spec.max_attempts}",
+            ),
             (max_restarts >= 0, f"--max-restarts must not be negative, got {max_restarts}"),
             (restart_window > 0, f"--restart-window must be positive, got {restart_window}"),
         ]
