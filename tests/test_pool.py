@@ -49,6 +49,9 @@ def _settings(dsn: str, **kw: Any) -> Settings:
         # row by accident (tests that need an expired row force expires_at).
         "heartbeat_interval": 0.2,
         "heartbeat_misses": 150,
+        # No LISTEN connection: the budget arithmetic here counts pool + control (the
+        # listener's share is tested in test_wakeup.py).
+        "listen": False,
     }
     base.update(kw)
     return Settings(**base)

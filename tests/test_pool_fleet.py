@@ -55,9 +55,11 @@ def say(kind, **kw):
 say("loaded")
 while not os.path.exists(go):
     time.sleep(0.005)
+# Servers that poll (no LISTEN connection): the arithmetic below counts pool + control;
+# the listener's share of the budget is tested in test_wakeup.py.
 settings = Settings(dsn=dsn, pool_max=pool_max, pool_min=pool_max, pool_floor=pool_floor,
                     reserved_connections=%(reserve)d, heartbeat_interval=1.0,
-                    heartbeat_misses=3, pool_timeout=20)
+                    heartbeat_misses=3, pool_timeout=20, listen=False)
 try:
     pool = ZenPool(settings)
     pool.wait(timeout=20)

@@ -46,6 +46,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "lock_timeout": "ZENPIPE_LOCK_TIMEOUT",
     "idle_in_tx_timeout": "ZENPIPE_IDLE_IN_TX_TIMEOUT",
     "pgbouncer": "ZENPIPE_PGBOUNCER",
+    "listen": "ZENPIPE_LISTEN",
     "reserved_connections": "ZENPIPE_RESERVED_CONNECTIONS",
     "fleet_budget": "ZENPIPE_FLEET_BUDGET",
     "heartbeat_interval": "ZENPIPE_HEARTBEAT_INTERVAL",
@@ -150,7 +151,7 @@ def _coerce(name: str, value: Any, label: str) -> Any:
         if isinstance(value, str) and not value.strip() and name == "fleet_budget":
             return None
         return _parse_int(value, label)
-    if name == "pgbouncer":
+    if name in ("pgbouncer", "listen"):
         return _parse_bool_or_auto(value, label)
     if name == "server_id":
         return None if value is None or str(value) == "" else str(value)
@@ -200,6 +201,10 @@ class Settings:
     #: default): probe each pool's server once (`zenpipe.pool.detect_pgbouncer`), and take
     #: the safe PgBouncer behaviour when the probe cannot tell.
     pgbouncer: bool | None = None
+    #: ``ZENPIPE_LISTEN``: whether a fleet member holds a LISTEN connection that wakes its
+    #: idle workers when rows arrive (counted in the budget; `zenpipe.wakeup`). ``auto``
+    #: (None, the default): yes unless behind PgBouncer, where LISTEN cannot work.
+    listen: bool | None = None
     #: Connections the fleet leaves free for admin, migrations and monitoring.
     reserved_connections: int = 5
     #: Fixed fleet budget (overrides the one derived from max_connections).

@@ -59,6 +59,7 @@ from .errors import (
 )
 from .locks import NAMESPACE_FLEET
 from .queries import load
+from .wakeup import Waker
 
 __all__ = [
     "CONTROL_CONNECTIONS",
@@ -213,25 +214,36 @@ class Budget:
             + f" - zenpipe reserve {self.reserve}"
         )
 
-    def grant(self, *, pool_max: int, pool_floor: int, in_use: int, live_servers: int) -> int:
-        """The pool size a new server gets: ``min(pool_max, left - control)``.
+    def grant(
+        self,
+        *,
+        pool_max: int,
+        pool_floor: int,
+        in_use: int,
+        live_servers: int,
+        dedicated: int = CONTROL_CONNECTIONS,
+    ) -> int:
+        """The pool size a new server gets: ``min(pool_max, left - dedicated)``, where
+        *dedicated* counts the connections it holds besides its pool (control, and the
+        listener when it listens).
 
         Raises `FleetBudgetExceeded` with the arithmetic when that is below
         *pool_floor* (or below *pool_max* when *pool_floor* is 0), or below 1.
         """
         left = self.total - in_use
-        granted = min(pool_max, left - CONTROL_CONNECTIONS)
+        granted = min(pool_max, left - dedicated)
         floor = max(1, pool_floor or pool_max)
         if granted < floor:
             raise FleetBudgetExceeded(
                 f"{self.explain()}; {live_servers} live server(s) hold {in_use}, "
                 f"{max(left, 0)} left; this server needs {CONTROL_CONNECTIONS} control + "
-                f"{floor} pool connection(s) (pool_max {pool_max}, pool_floor {pool_floor}): "
+                + ("1 listener + " if dedicated > CONTROL_CONNECTIONS else "")
+                + f"{floor} pool connection(s) (pool_max {pool_max}, pool_floor {pool_floor}): "
                 "not starting, so as not to push PostgreSQL over max_connections "
                 "(set ZENPIPE_POOL_FLOOR to start with a smaller pool)",
                 budget=self.total,
                 in_use=in_use,
-                needed=CONTROL_CONNECTIONS + floor,
+                needed=dedicated + floor,
             )
         return granted
 
@@ -261,8 +273,11 @@ class FleetMember:
         on_resize: Callable[[int], None] | None = None,
         on_evict: Callable[[int], None] | None = None,
         instance_id: uuid.UUID | None = None,
+        listen: bool | None = False,
     ) -> None:
         self.settings = settings
+        #: Whether this server holds a listening connection (None: unless PgBouncer).
+        self.listen = listen
         self.server_id = server_id
         self.instance_id = instance_id or uuid.uuid4()
         self.host = socket.gethostname()
@@ -304,6 +319,19 @@ class FleetMember:
             if self.pgbouncer is None:
                 self.pgbouncer = detect_pgbouncer(self._conn)
         return self._conn
+
+    @property
+    def listening(self) -> bool:
+        """Whether this server holds a LISTEN connection: asked for, or by default
+        unless it reaches the database through PgBouncer (LISTEN needs a session)."""
+        if self.listen is not None:
+            return self.listen
+        return self.pgbouncer is False
+
+    @property
+    def dedicated(self) -> int:
+        """Connections this server holds besides its pool, counted in the budget."""
+        return CONTROL_CONNECTIONS + (1 if self.listening else 0)
 
     @property
     def floor(self) -> int:
@@ -400,6 +428,7 @@ class FleetMember:
                 pool_floor=pool_floor,
                 in_use=int(usage[1]),
                 live_servers=int(usage[0]),
+                dedicated=self.dedicated,
             )
             conn.execute(
                 q["register"],
@@ -409,6 +438,7 @@ class FleetMember:
                     "host": self.host,
                     "pid": self.pid,
                     "pool_size": granted,
+                    "dedicated": self.dedicated,
                     "version": __version__,
                     "lease": self.lease,
                 },
@@ -577,6 +607,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         open: bool = True,
         configure: Callable[[Conn], None] | None = None,
         name: str | None = None,
+        listen: bool | None = None,
         **overrides: Any,
     ) -> None:
         if settings is None:
@@ -604,6 +635,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
                 on_resize=self._resize_to_share,
                 on_evict=self._resize_to_share,
                 instance_id=self.instance_id,
+                listen=settings.listen if listen is None else listen,
             )
             try:
                 size = self.fleet.register(
@@ -616,6 +648,14 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         elif pgbouncer is None:
             pgbouncer = _probe_pgbouncer(settings)
         self.pgbouncer: bool = bool(pgbouncer)
+        #: Whether `waker` listens: a fleet member does unless behind PgBouncer (the
+        #: budget counts the connection); a pool outside the fleet only when asked.
+        self.listening: bool = (
+            self.fleet.listening if self.fleet is not None else bool(listen) and not self.pgbouncer
+        )
+        self._waker: Waker | None = None
+        self._waker_lock = threading.Lock()
+        self._pool_name = pool_name
         self._local_timeouts = (
             _ms(settings.statement_timeout),
             _ms(settings.lock_timeout),
@@ -808,12 +848,32 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
             self.reconnect_timeout,
         )
 
+    def waker(self) -> Waker | None:
+        """The process's `zenpipe.wakeup.Waker` on a dedicated connection (started on
+        first use, closed with the pool), or None when this pool does not listen
+        (PgBouncer in transaction mode: workers poll only)."""
+        if not self.listening:
+            return None
+        with self._waker_lock:
+            if self._waker is None:
+                kwargs = connect_kwargs(
+                    self.settings,
+                    pgbouncer=self.pgbouncer,
+                    server_id=self.server_id,
+                    application_name=f"{self._pool_name}:listen",
+                )
+                self._waker = Waker(self.settings.dsn, connect_kwargs=kwargs).start()
+            return self._waker
+
     def close(self, timeout: float = 5.0) -> None:
         """Close every connection (waiting at most *timeout* seconds for the workers),
-        then stop heartbeats and delete the server's row."""
+        then stop the waker and the heartbeats and delete the server's row."""
         try:
             super().close(timeout)
         finally:
+            waker, self._waker = self._waker, None
+            if waker is not None:
+                waker.close()
             if self.fleet is not None:
                 self.fleet.stop()
 
@@ -884,7 +944,9 @@ class FleetStatus:
             "budget_explained": self.budget.explain(),
             "live_servers": len(live),
             "expired_servers": len(self.servers) - len(live),
-            "fleet_connections": sum(s["pool_size"] + CONTROL_CONNECTIONS for s in live),
+            "fleet_connections": sum(
+                s["pool_size"] + s.get("dedicated", CONTROL_CONNECTIONS) for s in live
+            ),
             "backend_connections": self.backend_connections,
         }
         for key in (

@@ -26,9 +26,10 @@ from psycopg_pool import ConnectionPool
 
 from .claim import Batch, Claim, Claimer
 from .errors import StaleClaimError, is_transient
-from .pool import guarded_pool
+from .pool import ZenPool, guarded_pool
 from .queries import load
 from .upsert import Upserter
+from .wakeup import Waker
 
 __all__ = ["Enrich", "Worker", "WorkerStats"]
 
@@ -67,6 +68,8 @@ class WorkerStats:
     idle_polls: int = 0
     #: Rows given back unenriched after `Worker.abort` (no attempt spent).
     released: int = 0
+    #: Idle waits ended early by a notification of new rows.
+    wakeups: int = 0
 
 
 class _LeaseKeeper:
@@ -134,7 +137,9 @@ class Worker:
         lease_seconds: float = 300.0,
         max_attempts: int | None = None,
         idle_sleep: float = 1.0,
+        idle_max: float | None = None,
         concurrency: int = 1,
+        waker: Waker | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -159,6 +164,14 @@ class Worker:
             )
             if isinstance(conninfo, str)
             else conninfo
+        )
+        #: Wakes the idle loop when rows arrive (LISTEN): given, or the pool's own when
+        #: it is a fleet member that listens; None: poll only.
+        self.waker = waker
+        if waker is None and isinstance(self._pool, ZenPool) and self._pool.fleet is not None:
+            self.waker = self._pool.waker()
+        self.idle_max = (
+            idle_max if idle_max is not None else (30.0 if self.waker is not None else 5.0)
         )
         self.claimer = Claimer(
             self._pool,
@@ -370,15 +383,21 @@ class Worker:
 
     def run(self, stop: threading.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Process batches until *stop* is set (or, with *until_idle*, until a claim finds
-        nothing eligible and no failed row waits out its backoff); sleep *idle_sleep*
-        seconds between empty claims (less when a retry is due sooner).
+        nothing eligible and no failed row waits out its backoff).
+
+        Between empty claims the worker waits *idle_sleep* seconds, doubling up to
+        *idle_max* while nothing comes, and wakes at once when the waker reports new rows
+        (LISTEN), when *stop* is set, or when a retry falls due.
 
         A claim that came back empty only because other claimers were taking every
         candidate at that moment (`zenpipe.claim.Batch.contended`) is tried again after
         a short random pause instead: that is not idleness.
         """
+        idle = self.idle_sleep
         while stop is None or not stop.is_set():
+            since = self.waker.generation() if self.waker is not None else 0
             if self.run_once():
+                idle = self.idle_sleep
                 continue
             if self._contended:
                 pause = random.uniform(0.005, 0.05)  # jitter, not security
@@ -391,12 +410,29 @@ class Worker:
             retry_in = self._retry_in
             if until_idle and retry_in is None:
                 break
-            pause = self.idle_sleep if retry_in is None else min(self.idle_sleep, retry_in)
-            if stop is not None:
-                stop.wait(pause)
-            else:
-                time.sleep(pause)
+            pause = idle if retry_in is None else min(idle, retry_in)
+            if self._idle_wait(pause, stop, since):
+                self.stats.wakeups += 1
+                idle = self.idle_sleep
+            else:  # nothing came: poll less often, up to idle_max
+                idle = min(idle * 2, self.idle_max)
         return self.stats
+
+    def _idle_wait(self, seconds: float, stop: threading.Event | None, since: int) -> bool:
+        """Wait *seconds*, or less when rows arrive (waker) or *stop* is set; True when
+        woken by the waker."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                return False
+            if self.waker is not None:
+                if self.waker.wait(min(left, 0.5), since):
+                    return True
+            elif stop is not None:
+                stop.wait(left)
+            else:
+                time.sleep(left)
 
     def _record(
         self, *, claimed: int, written: int, rejected: int, failed: int, emails: int, secs: float

@@ -30,12 +30,13 @@ SELECT current_setting('max_connections')::integer,
 SELECT pg_backend_pid();
 
 -- name: live_usage
--- Connections held by the other live servers (pool plus one control connection each);
+-- Connections held by the other live servers (pool plus its dedicated connections:
+-- control, and the listener when it listens);
 -- expired rows hold nothing. Read under the fleet lock, so it cannot change before our
 -- insert commits. statement_timestamp(), not now(): the transaction began before the
 -- lock wait, and a heartbeat that ran during the wait compared with its own later time.
 SELECT count(*)::integer,
-       coalesce(sum(pool_size + 1), 0)::integer
+       coalesce(sum(pool_size + dedicated), 0)::integer
 FROM zen_servers
 WHERE expires_at > statement_timestamp() AND server_id <> %(server_id)s;
 
@@ -52,9 +53,10 @@ WHERE server_id = %(server_id)s;
 -- database clock, the same clock every liveness check compares against, read after the
 -- fleet lock was granted (statement_timestamp()).
 INSERT INTO zen_servers AS s
-    (server_id, instance_id, host, pid, pool_size, version, started_at, last_heartbeat,
-     expires_at, stats)
-VALUES (%(server_id)s, %(instance_id)s, %(host)s, %(pid)s, %(pool_size)s, %(version)s,
+    (server_id, instance_id, host, pid, pool_size, dedicated, version, started_at,
+     last_heartbeat, expires_at, stats)
+VALUES (%(server_id)s, %(instance_id)s, %(host)s, %(pid)s, %(pool_size)s, %(dedicated)s,
+        %(version)s,
         statement_timestamp(), statement_timestamp(),
         statement_timestamp() + make_interval(secs => %(lease)s), '{}')
 ON CONFLICT (server_id) DO UPDATE SET
@@ -62,6 +64,7 @@ ON CONFLICT (server_id) DO UPDATE SET
     host = EXCLUDED.host,
     pid = EXCLUDED.pid,
     pool_size = EXCLUDED.pool_size,
+    dedicated = EXCLUDED.dedicated,
     version = EXCLUDED.version,
     started_at = EXCLUDED.started_at,
     last_heartbeat = EXCLUDED.last_heartbeat,
