@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 
 import psycopg
 
@@ -128,30 +129,204 @@ def _add_requeue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``zenpipe stats``: the fleet's budget, servers and pool metrics, and the dashboard."""
+    """``zenpipe stats``: the fleet's budget, servers and pool metrics, the materialized
+    dashboard (and how old it is), ``--hours N`` of hourly figures; ``stats rollup``."""
 
     def run(args: argparse.Namespace) -> int:
-        from .pool import fleet_status  # noqa: PLC0415 (keeps `zenpipe --help` light)
+        from . import stats  # noqa: PLC0415 (keeps `zenpipe --help` light)
 
         throwaway = not (args.dsn or os.environ.get("ZENPIPE_DSN"))
         with _database(args.dsn) as dsn:
             if throwaway:
                 schema.apply(dsn)
+            if getattr(args, "stats_command", None) == "rollup":
+                report = stats.rollup(dsn, since=args.since, margin=args.margin)
+                print(json.dumps(report.__dict__, default=str) if args.json else report.render())
+                return 0
             with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
-                status = fleet_status(conn)
+                status, board = stats.fleet_overview(conn)
+                hourly = stats.hours(conn, args.hours) if args.hours else None
         if args.json:
-            print(status.to_json())
+            out = status.as_dict()
+            out["dashboard"] = board.as_dict()
+            if hourly is not None:
+                out["hours"] = hourly
+            print(json.dumps(out, indent=2, default=str))
         else:
             print(status.render())
+            print(f"  (zen_mv_dashboard, {board.age_seconds:.1f} s old: zenpipe refresh-dashboard)")
+            if hourly is not None:
+                print()
+                print(stats.render_hours(hourly))
         return 0
 
-    text = "show the fleet's connection budget, live servers and pool metrics"
+    text = "show the fleet's connection budget, live servers, pool metrics and the dashboard"
     p = sub.add_parser("stats", help=text, description=text)
     p.add_argument(
         "--dsn", help="libpq connection string (default: $ZENPIPE_DSN, else a throwaway server)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--hours", type=int, default=0, help="also show the last N hours of stats")
     p.set_defaults(func=run)
+    stats_sub = p.add_subparsers(dest="stats_command")
+    r = stats_sub.add_parser(
+        "rollup",
+        help="recompute closed hours of zen_stats_hourly from zen_jobs (idempotent)",
+        description="Recompute every closed hour after the watermark (or from --since) "
+        "from the zen_jobs ledger, setting the figures (never adding), then move the "
+        "watermark. Re-running counts nothing twice.",
+    )
+    r.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
+    r.add_argument("--hours", type=int, default=0, help=argparse.SUPPRESS)
+    r.add_argument(
+        "--since",
+        type=datetime.fromisoformat,
+        default=None,
+        help="recompute from this time (ISO 8601) instead of the watermark",
+    )
+    r.add_argument(
+        "--margin",
+        type=float,
+        default=600.0,
+        help="seconds after its end before an hour counts as closed",
+    )
+    r.set_defaults(func=run)
+
+
+def _ops_dsn(args: argparse.Namespace, command: str) -> str:
+    dsn: str | None = args.dsn or os.environ.get("ZENPIPE_DSN")
+    if not dsn:
+        raise ZenpipeError(
+            f"zenpipe {command} needs your database: pass --dsn or set ZENPIPE_DSN "
+            "(a throwaway server would have nothing to work on)"
+        )
+    return dsn
+
+
+def _add_refresh_dashboard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe refresh-dashboard``: REFRESH MATERIALIZED VIEW CONCURRENTLY."""
+
+    def run(args: argparse.Namespace) -> int:
+        from . import dashboard  # noqa: PLC0415
+
+        report = dashboard.refresh(
+            _ops_dsn(args, "refresh-dashboard"), statement_timeout=args.timeout
+        )
+        print(
+            f"dashboard refreshed concurrently in {report.seconds:.3f} s "
+            f"(refreshed_at {report.refreshed_at.isoformat()})"
+        )
+        return 0
+
+    text = "recompute zen_mv_dashboard concurrently (readers are not blocked)"
+    p = sub.add_parser("refresh-dashboard", help=text, description=text)
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    p.add_argument("--timeout", type=float, default=0.0, help="statement_timeout, s (0: none)")
+    p.set_defaults(func=run)
+
+
+def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe doctor``: one OK/WARN/FAIL line per health check, with its SQL."""
+
+    def run(args: argparse.Namespace) -> int:
+        from . import doctor  # noqa: PLC0415
+
+        report = doctor.run(_ops_dsn(args, "doctor"))
+        print(report.to_json() if args.json else report.render(show_sql=not args.no_sql))
+        return report.exit_code
+
+    text = "check the database's health: vacuum, transactions, locks, leases, indexes, ..."
+    p = sub.add_parser(
+        "doctor",
+        help=text,
+        description=f"{text}. Exit 0: no check failed (warnings allowed); 1: a check failed.",
+    )
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--no-sql", action="store_true", help="leave out the SQL of each check")
+    p.set_defaults(func=run)
+
+
+def _add_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe prune --older-than``: retention of done results and old rejects."""
+
+    def run(args: argparse.Namespace) -> int:
+        from datetime import timedelta  # noqa: PLC0415
+
+        from .config import parse_duration  # noqa: PLC0415
+        from .retention import prune  # noqa: PLC0415
+
+        age = timedelta(seconds=parse_duration(args.older_than, name="--older-than"))
+        rejects = (
+            None
+            if args.rejects_older_than is None
+            else timedelta(
+                seconds=parse_duration(args.rejects_older_than, name="--rejects-older-than")
+            )
+        )
+        report = prune(
+            _ops_dsn(args, "prune"),
+            older_than=age,
+            rejects_older_than=rejects,
+            batch=args.batch,
+            archive=args.archive,
+        )
+        print(report.render())
+        return 0
+
+    text = "delete (or --archive) done results rows and zen_rejects rows older than a cutoff"
+    p = sub.add_parser("prune", help=text, description=text + ", in bounded batches.")
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    p.add_argument("--older-than", required=True, help="age, e.g. 30d, 12h, 3600 (seconds)")
+    p.add_argument("--rejects-older-than", default=None, help="age for zen_rejects (default: same)")
+    p.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    p.add_argument("--archive", action="store_true", help="move the rows to zen_archive")
+    p.set_defaults(func=run)
+
+
+def _add_migrate_legacy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe migrate-legacy --from v1|v2``: the audit's old tables into zen_contacts."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .legacy import migrate  # noqa: PLC0415
+
+        report = migrate(_ops_dsn(args, "migrate-legacy"), args.source, batch=args.batch)
+        print(report.render())
+        return 0 if report.verified else 1
+
+    text = "merge the V1 scraped_contacts or V2 scraped_contacts_v2 table into zen_contacts"
+    p = sub.add_parser(
+        "migrate-legacy",
+        help=text,
+        description=text + " through the upserter; resumable, idempotent, verified counts.",
+    )
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    p.add_argument("--from", dest="source", choices=("v1", "v2"), required=True)
+    p.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    p.set_defaults(func=run)
+
+
+def _add_roles(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe roles create``: zen_worker, zen_reader, zen_admin (NOLOGIN groups)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .roles import create_roles  # noqa: PLC0415
+
+        created = create_roles(_ops_dsn(args, "roles create"))
+        print(
+            f"roles created: {', '.join(created) or 'none (all existed)'}; "
+            "grants applied to zen_worker, zen_reader, zen_admin"
+        )
+        return 0
+
+    p = sub.add_parser("roles", help="least-privilege group roles")
+    roles_sub = p.add_subparsers(dest="roles_command", required=True)
+    c = roles_sub.add_parser(
+        "create", help="create zen_worker, zen_reader, zen_admin and apply their grants"
+    )
+    c.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
+    c.set_defaults(func=run)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -399,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_requeue(sub)
     _add_load(sub)
     _add_worker(sub)
+    _add_refresh_dashboard(sub)
+    _add_doctor(sub)
+    _add_prune(sub)
+    _add_migrate_legacy(sub)
+    _add_roles(sub)
     return parser
 
 

@@ -60,3 +60,17 @@ def leftovers(conn: psycopg.Connection[Any]) -> Leftovers:
     if row is None:  # pragma: no cover - an aggregate always returns a row
         raise RuntimeError("leftovers query returned no row")
     return Leftovers(int(row[0]), int(row[1]))
+
+
+#: ``b"ZEN\x0c"``: operations (issue 12), transaction locks, second key below: one
+#: dashboard refresh, one hourly rollup, one prune, one legacy migration per source at a
+#: time across the fleet.
+NAMESPACE_OPS = 0x5A454E0C
+OPS_DASHBOARD = 1
+OPS_ROLLUP = 2
+OPS_PRUNE = 3
+OPS_LEGACY_V1 = 4
+OPS_LEGACY_V2 = 5
+#: Every namespace, the operations' included (`zenpipe.doctor` looks for leftovers in all).
+ZENPIPE_NAMESPACES = (*ALL_NAMESPACES, NAMESPACE_OPS)
+__all__ += ["NAMESPACE_OPS", "ZENPIPE_NAMESPACES"]
