@@ -62,11 +62,11 @@ SET rolled_up_to = greatest(coalesce(rolled_up_to, %(hi)s), %(hi)s),
 -- The last n hours, summed over servers (primary key range scan on hour).
 SELECT hour,
        count(*)::integer   AS servers,
-       sum(rows_claimed)   AS rows_claimed,
-       sum(rows_written)   AS rows_written,
-       sum(rows_rejected)  AS rows_rejected,
-       sum(rows_failed)    AS rows_failed,
-       sum(emails_found)   AS emails_found,
+       sum(rows_claimed)::bigint AS rows_claimed,
+       sum(rows_written)::bigint AS rows_written,
+       sum(rows_rejected)::bigint AS rows_rejected,
+       sum(rows_failed)::bigint AS rows_failed,
+       sum(emails_found)::bigint AS emails_found,
        hour >= (SELECT coalesce(rolled_up_to, '-infinity') FROM zen_stats_rollup) AS live
 FROM zen_stats_hourly
 WHERE hour > date_trunc('hour', now(), 'UTC') - make_interval(hours => %(hours)s)
