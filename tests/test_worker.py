@@ -389,3 +389,34 @@ def test_abort_releases_the_rows_not_yet_enriched(dsn: str) -> None:
         0,
     )
     assert_no_leaks(dsn)
+
+
+def test_abort_can_give_back_the_rows_being_enriched(dsn: str) -> None:
+    """abort(release_in_flight=True): every row of the batch, the one stuck in its
+    enrichment included, is pending again at once; when the enrichment returns, the
+    worker settles nothing."""
+    ids = _fill(dsn, 5)
+    started = threading.Event()
+    unblock = threading.Event()
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.id == ids[0]:
+            started.set()
+            assert unblock.wait(60)
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=5) as w:
+        t = threading.Thread(target=w.run_once)
+        t.start()
+        assert started.wait(60)
+        assert w.abort(release_in_flight=True) == 5
+        assert one(dsn, "SELECT count(*), max(attempts) FROM results WHERE status = 'pending'") == (
+            5,
+            0,
+        )
+        unblock.set()
+        t.join()
+    assert w.stats.released == 5 and w.stats.stale_batches == 0
+    assert one(dsn, "SELECT count(*) FROM zen_contacts") == 0
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'pending'") == 5
+    assert_no_leaks(dsn)

@@ -151,6 +151,11 @@ class Worker:
         self._contended = False
         self._retry_in: float | None = None
         self._abort = threading.Event()
+        # The batch in flight, for abort(release_in_flight=True) from another thread.
+        self._flight = threading.Condition()
+        self._in_flight: Batch | None = None
+        self._given_back = False
+        self._claiming = False
         self._is_async = inspect.iscoroutinefunction(enrich)
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -215,11 +220,34 @@ class Worker:
         """
         if self._abort.is_set():
             return 0
-        batch = self.claimer.claim()
-        self._contended = batch.contended
-        self._retry_in = batch.retry_in
-        if not batch:
+        with self._flight:
+            self._claiming = True
+        try:
+            batch = self.claimer.claim()
+            self._contended = batch.contended
+            self._retry_in = batch.retry_in
+            with self._flight:
+                given_back = self._given_back
+                if batch and not given_back:
+                    self._in_flight = batch
+            if batch and given_back:  # aborted while this claim ran: nothing is kept
+                n = self._release(list(batch.claims))
+                with self._flight:
+                    self.stats.released += n
+                return 0
+        finally:
+            with self._flight:
+                self._claiming = False
+                self._flight.notify_all()
+        if not batch or given_back:
             return 0
+        try:
+            return self._process(batch)
+        finally:
+            with self._flight:
+                self._in_flight = None
+
+    def _process(self, batch: Batch) -> int:
         started = time.monotonic()
         done: list[tuple[Claim, Mapping[str, Any] | None]] = []
         failures: dict[str, list[Claim]] = {}
@@ -235,12 +263,17 @@ class Worker:
                     failures.setdefault(outcome.error, []).append(claim)
                 else:
                     done.append((claim, outcome))  # type: ignore[arg-type]
+            with self._flight:
+                given_back = self._given_back
+            if given_back:  # abort(release_in_flight=True) gave the rows back already
+                return len(batch)
             if unstarted:  # aborted: never tried, so no attempt is spent
                 gone = {c.id for c in unstarted}
                 batch = replace(batch, claims=tuple(c for c in batch.claims if c.id not in gone))
                 keeper.batch = batch  # before the release: its next beat must not see them
-                self._release(unstarted)
-                stats.released += len(unstarted)
+                n = self._release(unstarted)
+                with self._flight:
+                    stats.released += n
             try:
                 if keeper.lost:
                     raise StaleClaimError("extend", batch.ids)
@@ -271,12 +304,30 @@ class Worker:
         )
         return len(batch)
 
-    def abort(self) -> None:
-        """Stop starting enrichments (thread-safe; for a graceful shutdown whose grace
-        ran out).  Rows of the batch in flight whose enrichment has not started are
-        released at once, without spending an attempt; those already enriched are
-        settled as usual; `run_once` claims nothing more."""
+    def abort(self, *, release_in_flight: bool = False, wait: float = 30.0) -> int:
+        """Stop starting enrichments and claims (thread-safe: for a graceful shutdown
+        whose grace ran out); return how many rows were given back now.
+
+        Rows of the batch in flight whose enrichment has not started are released
+        without spending an attempt when the enrichment loop reaches them; `run_once`
+        claims nothing more.  With *release_in_flight*, every row of the batch in flight
+        that is still held is given back at once, those being enriched included, and
+        the `run_once` that holds it settles nothing when its enrichment returns; a claim
+        running at that moment gives its rows back as soon as it returns, and `abort`
+        waits for that at most *wait* seconds.
+        """
         self._abort.set()
+        if not release_in_flight:
+            return 0
+        with self._flight:
+            self._given_back = True
+            batch, self._in_flight = self._in_flight, None
+        n = self._release(list(batch.claims)) if batch is not None else 0
+        with self._flight:
+            self.stats.released += n
+            # A claim running now gives its rows back when it returns: wait for that.
+            self._flight.wait_for(lambda: not self._claiming, timeout=wait)
+        return n
 
     def _enrich_all(self, claims: Sequence[Claim]) -> list[tuple[Claim, object]]:
         """Enrich *claims*, at most ``concurrency`` at a time; return each claim with
@@ -318,14 +369,28 @@ class Worker:
         outcomes = await asyncio.gather(*(one(c) for c in claims))
         return list(zip(claims, outcomes, strict=True))
 
-    def _release(self, claims: list[Claim]) -> None:
-        try:
-            self.claimer.release(claims)
-        except StaleClaimError:
-            pass  # taken over already: nothing of ours to give back
-        except psycopg.Error as e:
-            logger.warning("could not release %d rows (their lease will run out): %s",
-                           len(claims), e)  # fmt: skip
+    def _release(self, claims: list[Claim]) -> int:
+        """`Claimer.release` the claims still held; return how many were given back.
+
+        A release applies nothing when any row is no longer held (`StaleClaimError`
+        names them): those are dropped and the rest released again.
+        """
+        left = claims
+        for _ in range(3):
+            if not left:
+                return 0
+            try:
+                self.claimer.release(left)
+            except StaleClaimError as e:
+                gone = set(e.ids)
+                left = [c for c in left if c.id not in gone]
+                continue
+            except psycopg.Error as e:
+                logger.warning("could not release %d rows (their lease will run out): %s",
+                               len(left), e)  # fmt: skip
+                return 0
+            return len(left)
+        return 0
 
     def _settle(
         self,

@@ -23,7 +23,6 @@ are wrong: restarting cannot help).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -32,15 +31,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
 
 import psycopg
 
-from ..claim import Batch, Claim, Claimer
 from ..config import Settings
-from ..errors import ConfigError, StaleClaimError, ZenpipeError
+from ..errors import ConfigError, ZenpipeError
 from ..pool import ZenPool
 from ..worker import Enrich, Worker
 from .target import resolve
@@ -82,81 +80,6 @@ class ProcessSpec:
     @classmethod
     def from_json(cls, text: str) -> ProcessSpec:
         return cls(**json.loads(text))
-
-
-class _TrackingClaimer(Claimer):
-    """A `Claimer` that remembers the batch it last handed out, so the process can give
-    its rows back when the grace runs out while the worker thread is still enriching.
-
-    After `release_in_flight`, a claim that was running concurrently is given back as
-    soon as it returns (an empty batch goes to the worker): nothing claimed after the
-    decision stays claimed.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._track = threading.Condition()
-        self._in_flight: Batch | None = None
-        self._claiming = False
-        self._given_back = False
-
-    def claim(
-        self, limit: int | None = None, *, conn: psycopg.Connection[Any] | None = None
-    ) -> Batch:
-        with self._track:
-            self._claiming = True
-        try:
-            batch = super().claim(limit, conn=conn)
-            with self._track:
-                if not self._given_back:
-                    self._in_flight = batch
-                    return batch
-            _release_held(self, batch.claims)
-            return replace(batch, claims=())
-        finally:
-            with self._track:
-                self._claiming = False
-                self._track.notify_all()
-
-    def wait_claims(self, timeout: float) -> bool:
-        """Wait until no claim is running (at most *timeout* seconds); True if none is."""
-        with self._track:
-            return self._track.wait_for(lambda: not self._claiming, timeout)
-
-    def release_in_flight(self) -> int:
-        """Give back every row of the last batch still held under its claim; return how
-        many.  Rows settled meanwhile (written, failed, taken over) are left alone."""
-        with self._track:
-            self._given_back = True
-            batch, self._in_flight = self._in_flight, None
-        return _release_held(self, batch.claims) if batch else 0
-
-
-def _release_held(claimer: Claimer, claims: Sequence[Claim]) -> int:
-    """`Claimer.release` the claims still held; return how many were given back.
-
-    `release` applies nothing when any row is no longer held (`StaleClaimError` lists
-    them), so those are dropped and the rest released again.
-    """
-    left = list(claims)
-    for _ in range(3):
-        if not left:
-            return 0
-        try:
-            claimer.release(left)
-        except StaleClaimError as e:
-            gone = set(e.ids)
-            left = [c for c in left if c.id not in gone]
-            continue
-        except psycopg.Error as e:
-            logger.warning(
-                "could not release %d rows (they come back when their lease runs out): %s",
-                len(left),
-                e,
-            )
-            return 0
-        return len(left)
-    return 0
 
 
 class _StopSignal:
@@ -203,10 +126,7 @@ def _worker_kwargs(spec: ProcessSpec) -> dict[str, Any]:
         "max_attempts": spec.max_attempts,
         "idle_sleep": spec.idle_sleep,
     }
-    if "concurrency" in inspect.signature(Worker).parameters:
-        kwargs["concurrency"] = spec.concurrency
-    elif spec.concurrency != 1:
-        logger.warning("--concurrency %d: this Worker enriches one row at a time", spec.concurrency)
+    kwargs["concurrency"] = spec.concurrency
     return kwargs
 
 
@@ -224,19 +144,11 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
         return EXIT_CRASH
     try:
         worker = Worker(pool, enrich, server_id=pool.server_id, **_worker_kwargs(spec))
-        owner = worker.claimer.owner
-        claimer = _TrackingClaimer(
-            pool,
-            owner=owner,
-            batch_size=worker.claimer.batch_size,
-            lease_seconds=worker.claimer.lease_seconds,
-            max_attempts=worker.claimer.max_attempts,
-        )
     except ValueError as e:  # sizes the worker refuses: restarting cannot help
         pool.close()
         logger.error("%s", e)
         return EXIT_CONFIG
-    worker.claimer = claimer
+    owner = worker.claimer.owner
     outcome: dict[str, BaseException] = {}
 
     def body() -> None:
@@ -262,12 +174,7 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
     released = 0
     aborted = thread.is_alive()
     if aborted:  # the grace ran out while enriching: give the rows back, leave
-        abort = getattr(worker, "abort", None)
-        if callable(abort):
-            abort()
-        released = claimer.release_in_flight()
-        # A claim running now gives its rows back itself when it returns: wait for it.
-        claimer.wait_claims(settings.statement_timeout or 60.0)
+        released = worker.abort(release_in_flight=True, wait=settings.statement_timeout)
         logger.warning(
             "worker %d: grace of %.0f s ran out with a batch in flight: "
             "released %d rows (no attempt spent)",
@@ -284,7 +191,7 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
     if error is not None and not aborted:
         logger.error("worker %d failed", spec.index, exc_info=error)
         code = EXIT_CRASH
-    _report(spec, worker, released)
+    _report(spec, worker)
     if aborted:  # the enrichment thread may never return: do not wait for it
         logging.shutdown()
         sys.stdout.flush()
@@ -293,9 +200,8 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
     return code
 
 
-def _report(spec: ProcessSpec, worker: Worker, released: int) -> None:
-    figures = dataclasses.asdict(worker.stats)
-    figures["released"] = int(figures.get("released", 0)) + released
+def _report(spec: ProcessSpec, worker: Worker) -> None:
+    figures = dataclasses.asdict(worker.stats)  # abort() counted *released* in them
     logger.info(
         "worker %d stopped: %d batches, %d rows claimed, %d written, %d rejected, "
         "%d failed, %d stale batches; released %d",
