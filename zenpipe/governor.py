@@ -98,6 +98,8 @@ class Governor:
             raise ValueError("batch_size and min_batch must be at least 1")
         if not 0 < shrink_factor <= 1:
             raise ValueError("shrink_factor must be in (0, 1]")
+        if pause_seconds <= 0:
+            raise ValueError("pause_seconds must be positive")
         if pause_after < shrink_after:
             raise ValueError("pause_after must not be below shrink_after")
         self.batch_size = batch_size

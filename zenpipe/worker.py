@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from .claim import Batch, Claim, Claimer
 from .errors import StaleClaimError, is_transient
+from .governor import Governor
 from .pool import ZenPool, guarded_pool
 from .queries import load
 from .upsert import Upserter
@@ -139,6 +140,7 @@ class Worker:
         idle_sleep: float = 1.0,
         idle_max: float | None = None,
         concurrency: int = 1,
+        governor: Governor | None = None,
         waker: Waker | None = None,
     ) -> None:
         if concurrency < 1:
@@ -147,6 +149,9 @@ class Worker:
         self.enrich = enrich
         self.idle_sleep = idle_sleep
         self.concurrency = concurrency
+        #: Shrinks claims or pauses them while vacuum is held back (zenpipe.governor).
+        self.governor = governor
+        self._paused = 0.0
         self.stats = WorkerStats()
         self._contended = False
         self._retry_in: float | None = None
@@ -220,10 +225,17 @@ class Worker:
         """
         if self._abort.is_set():
             return 0
+        limit = None
+        if self.governor is not None:  # vacuum held back: smaller claims, or none
+            advice = self.governor.advice()
+            self._paused = advice.pause_seconds if advice.batch_size < 1 else 0.0
+            if self._paused:
+                return 0
+            limit = min(advice.batch_size, self.claimer.batch_size)
         with self._flight:
             self._claiming = True
         try:
-            batch = self.claimer.claim()
+            batch = self.claimer.claim(limit)
             self._contended = batch.contended
             self._retry_in = batch.retry_in
             with self._flight:
@@ -463,6 +475,12 @@ class Worker:
             since = self.waker.generation() if self.waker is not None else 0
             if self.run_once():
                 idle = self.idle_sleep
+                continue
+            if self._paused:  # the governor's pause: not idleness
+                if stop is not None:
+                    stop.wait(self._paused)
+                else:
+                    time.sleep(self._paused)
                 continue
             if self._contended:
                 pause = random.uniform(0.005, 0.05)  # jitter, not security
