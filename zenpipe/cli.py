@@ -252,18 +252,13 @@ def _add_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """``zenpipe prune --older-than``: retention of done results and old rejects."""
 
     def run(args: argparse.Namespace) -> int:
-        from datetime import timedelta  # noqa: PLC0415
+        from .retention import parse_age, prune  # noqa: PLC0415
 
-        from .config import parse_duration  # noqa: PLC0415
-        from .retention import prune  # noqa: PLC0415
-
-        age = timedelta(seconds=parse_duration(args.older_than, name="--older-than"))
+        age = parse_age(args.older_than)
         rejects = (
             None
             if args.rejects_older_than is None
-            else timedelta(
-                seconds=parse_duration(args.rejects_older_than, name="--rejects-older-than")
-            )
+            else parse_age(args.rejects_older_than, name="--rejects-older-than")
         )
         report = prune(
             _ops_dsn(args, "prune"),

@@ -18,11 +18,12 @@ from datetime import timedelta
 import psycopg
 
 from ._ops import Conn, connect
+from .config import parse_duration
 from .errors import ZenpipeError, is_transient
 from .locks import NAMESPACE_OPS, OPS_PRUNE
 from .queries import load
 
-__all__ = ["PruneBusy", "PruneReport", "prune", "prune_batch"]
+__all__ = ["PruneBusy", "PruneReport", "parse_age", "prune", "prune_batch"]
 
 
 class PruneBusy(ZenpipeError):
@@ -48,6 +49,14 @@ class PruneReport:
             f"zen_rejects row(s) in {self.batches} batch(es), {self.seconds:.2f} s "
             f"({self.rows_per_s:,.0f} rows/s)"
         )
+
+
+def parse_age(text: str, *, name: str = "--older-than") -> timedelta:
+    """An age such as ``30d``, ``12h``, ``90min``, ``3600`` (seconds)."""
+    t = text.strip()
+    if t.endswith("d") and t[:-1].replace(".", "", 1).isdigit():
+        return timedelta(days=float(t[:-1]))
+    return timedelta(seconds=parse_duration(t, name=name))
 
 
 def prune_batch(
