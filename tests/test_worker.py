@@ -420,3 +420,37 @@ def test_abort_can_give_back_the_rows_being_enriched(dsn: str) -> None:
     assert one(dsn, "SELECT count(*) FROM zen_contacts") == 0
     assert one(dsn, "SELECT count(*) FROM results WHERE status = 'pending'") == 5
     assert_no_leaks(dsn)
+
+
+def test_the_next_batch_is_enriched_while_the_last_one_is_written(dsn: str) -> None:
+    """Pipelining: batch 1's write waits behind a row lock, and batch 2 is claimed and
+    enriched meanwhile (without pipelining its enrichment could only start once batch 1
+    had landed). Both land once the lock is gone."""
+    ids = _fill(dsn, 4)
+    link = one(dsn, "SELECT link FROM results WHERE id = %s", (ids[0],))
+    with Upserter(dsn, server_id="other") as up:
+        up.upsert([{"source_link": link, "country_code": "ID"}])
+    second_batch_enriched = threading.Event()
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.id == ids[2]:
+            second_batch_enriched.set()
+        return _enrich_id(claim)
+
+    stop = threading.Event()
+    with Worker(dsn, enrich, server_id="s1", batch_size=2, lease_seconds=30) as w:
+        locker = psycopg.connect(dsn)
+        locker.execute("SELECT 1 FROM zen_contacts WHERE source_link = %s FOR UPDATE", (link,))
+        t = threading.Thread(target=w.run, args=(stop,), kwargs={"until_idle": True})
+        t.start()
+        try:
+            assert second_batch_enriched.wait(120)
+            # batch 1 is still being written: its rows are claimed, none done yet
+            assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 0
+        finally:
+            locker.rollback()
+            locker.close()
+            t.join()
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 4
+    assert w.stats.stale_batches == 0
+    assert_no_leaks(dsn)

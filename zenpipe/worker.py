@@ -17,8 +17,8 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import psycopg
@@ -73,6 +73,18 @@ class WorkerStats:
     wakeups: int = 0
 
 
+@dataclass
+class _Flight:
+    """A claimed batch between its claim and its settle: enriched, lease kept."""
+
+    batch: Batch
+    keeper: _LeaseKeeper
+    started: float
+    done: list[tuple[Claim, Mapping[str, Any] | None]] = field(default_factory=list)
+    failures: dict[str, list[Claim]] = field(default_factory=dict)
+    unstarted: list[Claim] = field(default_factory=list)
+
+
 class _LeaseKeeper:
     """Extends a batch's lease every third of the lease until the batch is settled.
 
@@ -105,11 +117,11 @@ class _LeaseKeeper:
             except psycopg.Error as e:  # transient trouble: the next beat retries
                 logger.warning("lease extension failed: %s", e)
 
-    def __enter__(self) -> _LeaseKeeper:
+    def start(self) -> _LeaseKeeper:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -117,7 +129,7 @@ class _LeaseKeeper:
 class Worker:
     """One worker of one server: claims, enriches and writes until told to stop.
 
-    *conninfo* is a connection string (a `zenpipe.pool.guarded_pool` of two
+    *conninfo* is a connection string (a `zenpipe.pool.guarded_pool` of three
     connections, with the fleet's timeouts, outside the fleet budget) or a pool
     (`zenpipe.ZenPool` in production, which counts in the budget) shared by the
     worker's claimer and upserter.  *enrich* runs once per claimed row, outside
@@ -140,6 +152,7 @@ class Worker:
         idle_sleep: float = 1.0,
         idle_max: float | None = None,
         concurrency: int = 1,
+        pipeline: bool = True,
         governor: Governor | None = None,
         waker: Waker | None = None,
     ) -> None:
@@ -149,6 +162,11 @@ class Worker:
         self.enrich = enrich
         self.idle_sleep = idle_sleep
         self.concurrency = concurrency
+        #: `run` writes batch k in a thread of its own while batch k+1 is claimed and
+        #: enriched (at most one batch settles behind), so the write's round trips do
+        #: not leave the enrichment idle.
+        self.pipeline = pipeline
+        self._settle_executor: ThreadPoolExecutor | None = None
         #: Shrinks claims or pauses them while vacuum is held back (zenpipe.governor).
         self.governor = governor
         self._paused = 0.0
@@ -158,19 +176,20 @@ class Worker:
         self._abort = threading.Event()
         # The batch in flight, for abort(release_in_flight=True) from another thread.
         self._flight = threading.Condition()
-        self._in_flight: Batch | None = None
+        self._in_flight: list[Batch] = []
         self._given_back = False
         self._claiming = False
         self._is_async = inspect.iscoroutinefunction(enrich)
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # One pool for the claimer, the upserter and the bookkeeping: a DSN gets a small
-        # pool of the worker's own (two connections: the lease keeper may extend while
-        # the main thread settles), a pool passed in is shared as it is.
+        # pool of the worker's own (three connections: a claim, the settle of the batch
+        # before, and a lease keeper's beat may run at once), a pool passed in is shared
+        # as it is.
         self._own_pool = isinstance(conninfo, str)
         self._pool: ConnectionPool[Any] = (
             guarded_pool(
-                conninfo, name=f"zenpipe-worker-{server_id}/{name}", min_size=1, max_size=2
+                conninfo, name=f"zenpipe-worker-{server_id}/{name}", min_size=1, max_size=3
             )
             if isinstance(conninfo, str)
             else conninfo
@@ -196,9 +215,10 @@ class Worker:
     def close(self) -> None:
         """Stop the enrichment threads (or event loop) and close the connections the
         worker opened."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for executor in (self._executor, self._settle_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._executor = self._settle_executor = None
         if self._loop is not None:
             self._loop.close()
             self._loop = None
@@ -223,14 +243,23 @@ class Worker:
         write that keeps failing on transient errors is logged and its rows are left to
         their lease (they are claimed again, not counted as a crash).
         """
-        if self._abort.is_set():
+        flight = self._begin()
+        if flight is None:
             return 0
+        self._finish(flight)
+        return len(flight.batch)
+
+    def _begin(self) -> _Flight | None:
+        """Claim a batch and enrich it, its lease keeper running; None when nothing was
+        claimed (or the worker was aborted)."""
+        if self._abort.is_set():
+            return None
         limit = None
         if self.governor is not None:  # vacuum held back: smaller claims, or none
             advice = self.governor.advice()
             self._paused = advice.pause_seconds if advice.batch_size < 1 else 0.0
             if self._paused:
-                return 0
+                return None
             limit = min(advice.batch_size, self.claimer.batch_size)
         with self._flight:
             self._claiming = True
@@ -241,80 +270,88 @@ class Worker:
             with self._flight:
                 given_back = self._given_back
                 if batch and not given_back:
-                    self._in_flight = batch
+                    self._in_flight.append(batch)
             if batch and given_back:  # aborted while this claim ran: nothing is kept
                 n = self._release(list(batch.claims))
                 with self._flight:
                     self.stats.released += n
-                return 0
+                return None
         finally:
             with self._flight:
                 self._claiming = False
                 self._flight.notify_all()
         if not batch or given_back:
-            return 0
+            return None
+        self.stats.batches += 1
+        self.stats.claimed += len(batch)
+        flight = _Flight(batch, _LeaseKeeper(self.claimer, batch).start(), time.monotonic())
         try:
-            return self._process(batch)
-        finally:
-            with self._flight:
-                self._in_flight = None
-
-    def _process(self, batch: Batch) -> int:
-        started = time.monotonic()
-        done: list[tuple[Claim, Mapping[str, Any] | None]] = []
-        failures: dict[str, list[Claim]] = {}
-        stats = self.stats
-        stats.batches += 1
-        stats.claimed += len(batch)
-        with _LeaseKeeper(self.claimer, batch) as keeper:
-            unstarted: list[Claim] = []
             for claim, outcome in self._enrich_all(batch.claims):
                 if outcome is _UNSTARTED:
-                    unstarted.append(claim)
+                    flight.unstarted.append(claim)
                 elif isinstance(outcome, _Failed):
-                    failures.setdefault(outcome.error, []).append(claim)
+                    flight.failures.setdefault(outcome.error, []).append(claim)
                 else:
-                    done.append((claim, outcome))  # type: ignore[arg-type]
+                    flight.done.append((claim, outcome))  # type: ignore[arg-type]
+        except BaseException:
+            self._land(flight)
+            raise
+        return flight
+
+    def _finish(self, flight: _Flight) -> None:
+        """Settle an enriched batch (in the settling thread when pipelined), then stop
+        its lease keeper."""
+        try:
+            self._settle_flight(flight)
+        finally:
+            self._land(flight)
+
+    def _land(self, flight: _Flight) -> None:
+        flight.keeper.stop()
+        with self._flight:
+            self._in_flight = [b for b in self._in_flight if b is not flight.batch]
+
+    def _settle_flight(self, flight: _Flight) -> None:
+        batch, keeper, stats = flight.batch, flight.keeper, self.stats
+        with self._flight:
+            given_back = self._given_back
+        if given_back:  # abort(release_in_flight=True) gave the rows back already
+            return
+        if flight.unstarted:  # aborted: never tried, so no attempt is spent
+            gone = {c.id for c in flight.unstarted}
+            batch = replace(batch, claims=tuple(c for c in batch.claims if c.id not in gone))
+            keeper.batch = batch  # before the release: its next beat must not see them
+            n = self._release(flight.unstarted)
             with self._flight:
-                given_back = self._given_back
-            if given_back:  # abort(release_in_flight=True) gave the rows back already
-                return len(batch)
-            if unstarted:  # aborted: never tried, so no attempt is spent
-                gone = {c.id for c in unstarted}
-                batch = replace(batch, claims=tuple(c for c in batch.claims if c.id not in gone))
-                keeper.batch = batch  # before the release: its next beat must not see them
-                n = self._release(unstarted)
-                with self._flight:
-                    stats.released += n
-            try:
-                if keeper.lost:
-                    raise StaleClaimError("extend", batch.ids)
-                self.claimer.extend(batch, settling=True)
-                written, rejected, failed = self._settle(batch, done, failures)
-            except StaleClaimError:
-                stats.stale_batches += 1
-                logger.warning("a %d-row batch was taken over before it was written", len(batch))
-                return len(batch)
-            except psycopg.Error as e:
-                logger.error(
-                    "could not write a %d-row batch (its lease will run out and the rows be "
-                    "claimed again): %s",
-                    len(batch),
-                    e,
-                )
-                return len(batch)
+                stats.released += n
+        try:
+            if keeper.lost:
+                raise StaleClaimError("extend", batch.ids)
+            self.claimer.extend(batch, settling=True)
+            written, rejected, failed = self._settle(batch, flight.done, flight.failures)
+        except StaleClaimError:
+            stats.stale_batches += 1
+            logger.warning("a %d-row batch was taken over before it was written", len(batch))
+            return
+        except psycopg.Error as e:
+            logger.error(
+                "could not write a %d-row batch (its lease will run out and the rows be "
+                "claimed again): %s",
+                len(batch),
+                e,
+            )
+            return
         stats.written += written
         stats.rejected += rejected
         stats.failed += failed
         self._record(
-            claimed=len(batch),
+            claimed=len(flight.batch),
             written=written,
             rejected=rejected,
             failed=failed,
-            emails=_count_emails(r for _, r in done),
-            secs=time.monotonic() - started,
+            emails=_count_emails(r for _, r in flight.done),
+            secs=time.monotonic() - flight.started,
         )
-        return len(batch)
 
     def abort(self, *, release_in_flight: bool = False, wait: float = 30.0) -> int:
         """Stop starting enrichments and claims (thread-safe: for a graceful shutdown
@@ -333,13 +370,20 @@ class Worker:
             return 0
         with self._flight:
             self._given_back = True
-            batch, self._in_flight = self._in_flight, None
-        n = self._release(list(batch.claims)) if batch is not None else 0
+            batches, self._in_flight = self._in_flight, []
+        n = sum(self._release(list(b.claims)) for b in batches)
         with self._flight:
             self.stats.released += n
             # A claim running now gives its rows back when it returns: wait for that.
             self._flight.wait_for(lambda: not self._claiming, timeout=wait)
         return n
+
+    def _settler(self) -> ThreadPoolExecutor:
+        if self._settle_executor is None:
+            self._settle_executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"zenpipe-settle-{self.claimer.owner}"
+            )
+        return self._settle_executor
 
     def _enrich_all(self, claims: Sequence[Claim]) -> list[tuple[Claim, object]]:
         """Enrich *claims*, at most ``concurrency`` at a time; return each claim with
@@ -471,34 +515,50 @@ class Worker:
         a short random pause instead: that is not idleness.
         """
         idle = self.idle_sleep
-        while stop is None or not stop.is_set():
-            since = self.waker.generation() if self.waker is not None else 0
-            if self.run_once():
-                idle = self.idle_sleep
-                continue
-            if self._paused:  # the governor's pause: not idleness
-                if stop is not None:
-                    stop.wait(self._paused)
-                else:
-                    time.sleep(self._paused)
-                continue
-            if self._contended:
-                pause = random.uniform(0.005, 0.05)  # jitter, not security
-                if stop is not None:
-                    stop.wait(pause)
-                else:
-                    time.sleep(pause)
-                continue
-            self.stats.idle_polls += 1
-            retry_in = self._retry_in
-            if until_idle and retry_in is None:
-                break
-            pause = idle if retry_in is None else min(idle, retry_in)
-            if self._idle_wait(pause, stop, since):
-                self.stats.wakeups += 1
-                idle = self.idle_sleep
-            else:  # nothing came: poll less often, up to idle_max
-                idle = min(idle * 2, self.idle_max)
+        settling: Future[None] | None = None
+        try:
+            while stop is None or not stop.is_set():
+                since = self.waker.generation() if self.waker is not None else 0
+                flight = self._begin()
+                if flight is not None:
+                    if settling is not None:  # at most one batch settles behind
+                        settling.result()
+                        settling = None
+                    if self.pipeline:
+                        settling = self._settler().submit(self._finish, flight)
+                    else:
+                        self._finish(flight)
+                    idle = self.idle_sleep
+                    continue
+                if settling is not None:  # nothing new: let the last batch land first
+                    settling.result()
+                    settling = None
+                if self._paused:  # the governor's pause: not idleness
+                    if stop is not None:
+                        stop.wait(self._paused)
+                    else:
+                        time.sleep(self._paused)
+                    continue
+                if self._contended:
+                    pause = random.uniform(0.005, 0.05)  # jitter, not security
+                    if stop is not None:
+                        stop.wait(pause)
+                    else:
+                        time.sleep(pause)
+                    continue
+                self.stats.idle_polls += 1
+                retry_in = self._retry_in
+                if until_idle and retry_in is None:
+                    break
+                pause = idle if retry_in is None else min(idle, retry_in)
+                if self._idle_wait(pause, stop, since):
+                    self.stats.wakeups += 1
+                    idle = self.idle_sleep
+                else:  # nothing came: poll less often, up to idle_max
+                    idle = min(idle * 2, self.idle_max)
+        finally:
+            if settling is not None:
+                settling.result()
         return self.stats
 
     def _idle_wait(self, seconds: float, stop: threading.Event | None, since: int) -> bool:
