@@ -90,7 +90,8 @@ def record_from_v2(row: Mapping[str, Any]) -> dict[str, Any]:
         "address": row["address"],
         "latitude": row["latitude"],
         "longitude": row["longitude"],
-        "rating": row["rating"],
+        # numeric(2,1) arrives as Decimal; the validator takes numbers as float.
+        "rating": None if row["rating"] is None else float(row["rating"]),
         "reviews_count": row["reviews_count"],
         "maps_phone": row["maps_phone"],
         "emails": row["emails"] or None,
