@@ -78,3 +78,7 @@ __all__ = [
     "route",
     "schema",
 ]
+
+from .governor import Advice, Governor
+
+__all__ += ["Advice", "Governor"]

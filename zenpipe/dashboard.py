@@ -20,7 +20,7 @@ from .errors import ZenpipeError
 from .locks import NAMESPACE_OPS, OPS_DASHBOARD
 from .queries import load
 
-__all__ = ["Dashboard", "RefreshBusy", "read", "refresh"]
+__all__ = ["Dashboard", "RefreshBusy", "RefreshReport", "read", "refresh"]
 
 
 class RefreshBusy(ZenpipeError):
