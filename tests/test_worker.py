@@ -454,3 +454,36 @@ def test_the_next_batch_is_enriched_while_the_last_one_is_written(dsn: str) -> N
     assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 4
     assert w.stats.stale_batches == 0
     assert_no_leaks(dsn)
+
+
+def test_every_batch_reports_one_event_when_it_lands(dsn: str) -> None:
+    from zenpipe.events import BatchEvent
+
+    ids = _fill(dsn, 6, poison={2})
+    events: list[BatchEvent] = []
+    lock = threading.Lock()
+
+    def on_event(e: BatchEvent) -> None:
+        with lock:
+            events.append(e)
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.data["poison"]:
+            raise ValueError("bad page")
+        if claim.id == ids[5]:  # taken over while enriched: the batch goes stale
+            with psycopg.connect(dsn) as conn:
+                conn.execute(
+                    "UPDATE results SET claim_token = NULL, status = 'pending' WHERE id = %s",
+                    (claim.id,),
+                )
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=3, on_event=on_event) as w:
+        assert w.run_once() == 3
+        assert w.run_once() == 3
+    assert [(e.outcome, e.rows, e.written, e.failed) for e in events] == [
+        ("settled", 3, 2, 1),
+        ("stale", 3, 0, 0),
+    ]
+    assert all(e.worker == "s1/w0" and e.claim_seconds > 0 and e.write_seconds > 0
+               for e in events)  # fmt: skip

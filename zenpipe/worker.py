@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from .claim import Batch, Claim, Claimer
 from .errors import StaleClaimError, is_transient
+from .events import BatchEvent, Outcome
 from .governor import Governor
 from .pool import ZenPool, guarded_pool
 from .queries import load
@@ -80,6 +81,8 @@ class _Flight:
     batch: Batch
     keeper: _LeaseKeeper
     started: float
+    claim_seconds: float = 0.0
+    enrich_seconds: float = 0.0
     done: list[tuple[Claim, Mapping[str, Any] | None]] = field(default_factory=list)
     failures: dict[str, list[Claim]] = field(default_factory=dict)
     unstarted: list[Claim] = field(default_factory=list)
@@ -153,6 +156,7 @@ class Worker:
         idle_max: float | None = None,
         concurrency: int = 1,
         pipeline: bool = True,
+        on_event: Callable[[BatchEvent], None] | None = None,
         governor: Governor | None = None,
         waker: Waker | None = None,
     ) -> None:
@@ -166,6 +170,8 @@ class Worker:
         #: enriched (at most one batch settles behind), so the write's round trips do
         #: not leave the enrichment idle.
         self.pipeline = pipeline
+        #: Called with a `zenpipe.events.BatchEvent` for every batch once it landed.
+        self.on_event = on_event
         self._settle_executor: ThreadPoolExecutor | None = None
         #: Shrinks claims or pauses them while vacuum is held back (zenpipe.governor).
         self.governor = governor
@@ -263,6 +269,7 @@ class Worker:
             limit = min(advice.batch_size, self.claimer.batch_size)
         with self._flight:
             self._claiming = True
+        claim_start = time.monotonic()
         try:
             batch = self.claimer.claim(limit)
             self._contended = batch.contended
@@ -284,7 +291,13 @@ class Worker:
             return None
         self.stats.batches += 1
         self.stats.claimed += len(batch)
-        flight = _Flight(batch, _LeaseKeeper(self.claimer, batch).start(), time.monotonic())
+        started = time.monotonic()
+        flight = _Flight(
+            batch,
+            _LeaseKeeper(self.claimer, batch).start(),
+            started,
+            claim_seconds=started - claim_start,
+        )
         try:
             for claim, outcome in self._enrich_all(batch.claims):
                 if outcome is _UNSTARTED:
@@ -296,6 +309,7 @@ class Worker:
         except BaseException:
             self._land(flight)
             raise
+        flight.enrich_seconds = time.monotonic() - started
         return flight
 
     def _finish(self, flight: _Flight) -> None:
@@ -316,6 +330,7 @@ class Worker:
         with self._flight:
             given_back = self._given_back
         if given_back:  # abort(release_in_flight=True) gave the rows back already
+            self._emit(flight, "released")
             return
         if flight.unstarted:  # aborted: never tried, so no attempt is spent
             gone = {c.id for c in flight.unstarted}
@@ -324,6 +339,7 @@ class Worker:
             n = self._release(flight.unstarted)
             with self._flight:
                 stats.released += n
+        write_start = time.monotonic()
         try:
             if keeper.lost:
                 raise StaleClaimError("extend", batch.ids)
@@ -332,6 +348,7 @@ class Worker:
         except StaleClaimError:
             stats.stale_batches += 1
             logger.warning("a %d-row batch was taken over before it was written", len(batch))
+            self._emit(flight, "stale", write_seconds=time.monotonic() - write_start)
             return
         except psycopg.Error as e:
             logger.error(
@@ -340,10 +357,19 @@ class Worker:
                 len(batch),
                 e,
             )
+            self._emit(flight, "write_error", write_seconds=time.monotonic() - write_start)
             return
         stats.written += written
         stats.rejected += rejected
         stats.failed += failed
+        self._emit(
+            flight,
+            "settled",
+            written=written,
+            rejected=rejected,
+            failed=failed,
+            write_seconds=time.monotonic() - write_start,
+        )
         self._record(
             claimed=len(flight.batch),
             written=written,
@@ -352,6 +378,22 @@ class Worker:
             emails=_count_emails(r for _, r in flight.done),
             secs=time.monotonic() - flight.started,
         )
+
+    def _emit(self, flight: _Flight, outcome: Outcome, **figures: Any) -> None:
+        if self.on_event is None:
+            return
+        event = BatchEvent(
+            worker=self.claimer.owner,
+            outcome=outcome,
+            rows=len(flight.batch),
+            claim_seconds=flight.claim_seconds,
+            enrich_seconds=flight.enrich_seconds,
+            **figures,
+        )
+        try:
+            self.on_event(event)
+        except Exception:
+            logger.exception("on_event handler raised (ignored)")
 
     def abort(self, *, release_in_flight: bool = False, wait: float = 30.0) -> int:
         """Stop starting enrichments and claims (thread-safe: for a graceful shutdown
