@@ -882,3 +882,38 @@ def test_max_attempts_is_a_fleet_wide_setting(dsn: str) -> None:
             tool.fail(mine, "boom")  # this claimer's own override
         assert row(dsn, b)["status"] == "failed"
     assert_no_leaks(dsn)
+
+
+def test_requeue_any_status_without_ids_is_refused(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--any-status` alone used to requeue every done row without a word."""
+    ids = fill(dsn, 3)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE results SET status = 'done' WHERE id = ANY(%s)", (ids,))
+    assert cli.main(["requeue", "--dsn", dsn, "--any-status"]) == 2
+    assert "--any-status needs --id" in capsys.readouterr().err
+    assert statuses(dsn) == {"done": 3}
+    assert cli.main(["requeue", "--dsn", dsn, "--any-status", "--id", str(ids[0])]) == 0
+    assert statuses(dsn) == {"done": 2, "pending": 1}
+
+
+def test_settings_cli_shows_and_changes_the_fleet_settings(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["settings", "--dsn", dsn, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["max_attempts"] == 5 and shown["retry_base_seconds"] == 2
+    assert cli.main(["settings", "--dsn", dsn, "--max-attempts", "2", "--retry-base", "0.5"]) == 0
+    assert "max_attempts        2" in capsys.readouterr().out
+    # A value the table refuses names its constraint and changes nothing.
+    assert cli.main(["settings", "--dsn", dsn, "--retry-jitter", "3"]) == 2
+    assert "zen_settings_retry_jitter_check" in capsys.readouterr().err
+    (rid,) = fill(dsn, 1)
+    with Claimer(dsn, owner="w") as w:  # the fleet's new max_attempts applies at once
+        for _ in range(2):
+            b = w.claim()
+            w.fail(b, "boom")
+            with psycopg.connect(dsn) as conn:
+                conn.execute("UPDATE results SET not_before = clock_timestamp() - interval '1s'")
+    assert row(dsn, rid)["status"] == "failed"

@@ -97,6 +97,11 @@ def _add_requeue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         ids = args.ids or None
         if args.all and ids is not None:
             raise ZenpipeError("give --id or --all, not both")
+        if args.any_status and ids is None:
+            raise ZenpipeError(
+                "--any-status needs --id: it moves done and claimed rows too; "
+                "to re-run EVERY non-pending row say --all"
+            )
         with _database(args.dsn) as dsn:
             moved = requeue(dsn, ids, failed_only=not (args.all or args.any_status))
         print(f"requeued {moved} row{'' if moved == 1 else 's'}")
@@ -125,6 +130,48 @@ def _add_requeue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="requeue EVERY non-pending row (a full re-run); live claims are fenced",
     )
+    p.set_defaults(func=run)
+
+
+def _add_settings(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe settings``: show or change the fleet-wide settings (zen_settings)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .fleet_settings import read_fleet_settings, update_fleet_settings  # noqa: PLC0415
+
+        dsn = args.dsn or os.environ.get("ZENPIPE_DSN")
+        if not dsn:
+            raise ZenpipeError("zenpipe settings needs --dsn or ZENPIPE_DSN")
+        changes = {
+            "max_attempts": args.max_attempts,
+            "retry_base_seconds": args.retry_base,
+            "retry_max_seconds": args.retry_max,
+            "retry_jitter": args.retry_jitter,
+        }
+        with psycopg.connect(dsn, prepare_threshold=None) as conn:
+            if any(v is not None for v in changes.values()):
+                got = update_fleet_settings(conn, **changes)
+            else:
+                got = read_fleet_settings(conn)
+        if args.json:
+            print(json.dumps({k: str(v) if k == "updated_at" else v
+                              for k, v in vars(got).items()}))  # fmt: skip
+        else:
+            print(f"max_attempts        {got.max_attempts}")
+            print(f"retry_base_seconds  {got.retry_base_seconds:g}")
+            print(f"retry_max_seconds   {got.retry_max_seconds:g}")
+            print(f"retry_jitter        {got.retry_jitter:g}")
+            print(f"updated_at          {got.updated_at.isoformat()}")
+        return 0
+
+    text = "show or change the fleet-wide settings: max_attempts and the retry backoff"
+    p = sub.add_parser("settings", help=text, description=text)
+    p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN)")
+    p.add_argument("--max-attempts", type=int, help="claims of a row before it is parked")
+    p.add_argument("--retry-base", type=float, help="backoff of a first failure, seconds")
+    p.add_argument("--retry-max", type=float, help="longest backoff, seconds")
+    p.add_argument("--retry-jitter", type=float, help="0..1: share of the backoff drawn at random")
+    p.add_argument("--json", action="store_true", help="print the settings as JSON")
     p.set_defaults(func=run)
 
 
@@ -567,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_stats(sub)
     _add_requeue(sub)
+    _add_settings(sub)
     _add_load(sub)
     _add_worker(sub)
     _add_refresh_dashboard(sub)
