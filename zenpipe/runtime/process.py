@@ -72,6 +72,9 @@ class ProcessSpec:
     #: The process exits (gracefully) when its parent pid is no longer this one.
     supervisor_pid: int = 0
     stats_path: str | None = None
+    #: ``MODULE:CALLABLE`` of a `zenpipe.events.BatchEvent` handler passed to the
+    #: `Worker` as ``on_event`` (harnesses: ``zenpipe bench``); None: no handler.
+    on_event: str | None = None
 
     def argv(self) -> list[str]:
         """The command line that starts the process."""
@@ -127,6 +130,8 @@ def _worker_kwargs(spec: ProcessSpec) -> dict[str, Any]:
         "idle_sleep": spec.idle_sleep,
     }
     kwargs["concurrency"] = spec.concurrency
+    if spec.on_event:
+        kwargs["on_event"] = resolve(spec.on_event)
     return kwargs
 
 
@@ -144,6 +149,10 @@ def run_process(spec: ProcessSpec, enrich: Enrich, settings: Settings, stop: _St
         return EXIT_CRASH
     try:
         worker = Worker(pool, enrich, server_id=pool.server_id, **_worker_kwargs(spec))
+    except ZenpipeError as e:  # the on_event target does not resolve
+        pool.close()
+        logger.error("%s", e)
+        return EXIT_CONFIG
     except ValueError as e:  # sizes the worker refuses: restarting cannot help
         pool.close()
         logger.error("%s", e)
