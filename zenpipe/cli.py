@@ -18,6 +18,7 @@ from datetime import datetime
 import psycopg
 
 from . import schema
+from .citus import ThrowawayCitus
 from .embedded import ThrowawayPostgres
 from .errors import ZenpipeError
 from .queries import load
@@ -42,8 +43,20 @@ def _database(dsn: str | None) -> Iterator[str]:
 
 
 def _cmd_schema_apply(args: argparse.Namespace) -> int:
+    if args.citus and not (args.dsn or os.environ.get("ZENPIPE_DSN")):
+        with ThrowawayCitus() as cluster:
+            print(
+                f"no --dsn or ZENPIPE_DSN: using a throwaway Citus cluster (coordinator "
+                f"{cluster.dsn}, {len(cluster.workers)} workers), deleted on exit",
+                file=sys.stderr,
+            )
+            args.dsn = cluster.dsn
+            return _cmd_schema_apply(args)
     with _database(args.dsn) as dsn:
-        applied = schema.apply(dsn, lock_timeout=args.lock_timeout)
+        # --citus: the distributed variant, required; without it, detected
+        applied = schema.apply(
+            dsn, lock_timeout=args.lock_timeout, citus=True if args.citus else None
+        )
         if not applied:
             print("schema is up to date; nothing applied")
         for m in applied:
@@ -608,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="seconds to wait for another process's migration run",
+    )
+    apply_p.add_argument(
+        "--citus",
+        action="store_true",
+        help="apply the Citus variant (sql/citus) too, and fail unless the database is a "
+        "Citus coordinator (default: applied when one is detected); without --dsn, on a "
+        "throwaway Citus cluster built from $ZENPIPE_CITUS_SOURCE",
     )
     add(schema_sub, "status", _cmd_schema_status, "list applied and pending migrations")
     # Further subcommands register here, one call each.

@@ -13,6 +13,11 @@ PARTITION``; every step is idempotent, so a run interrupted half-way resumes cle
 
 Migrations need a session: run them on a direct connection, not through PgBouncer in
 transaction mode.
+
+On a Citus coordinator (``citus`` extension installed, or ``citus=True``) `apply()` then
+applies the distributed variant's own steps, ``sql/citus/NNNN_name.sql``, under the same
+lock: they are recorded in the same table as versions ``CITUS_VERSION_BASE + N``, so
+each shape keeps its own numbering and the shared migrations stay one set for both.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .locks import NAMESPACE_MIGRATION
 from .queries import load, sql_dir, trusted
 
 __all__ = [
+    "CITUS_VERSION_BASE",
     "AppliedMigration",
     "Migration",
     "apply",
@@ -55,6 +61,8 @@ _CREATE_INDEX = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _LOCK_KEY = 1
+#: Versions of the Citus steps (``sql/citus/NNNN_name.sql``) in ``zen_schema_migrations``.
+CITUS_VERSION_BASE = 900_000
 # Brief DDL steps (ON ONLY, ATTACH) wait at most this long for a lock before retrying,
 # so they never queue writers behind them for longer.
 _DDL_LOCK_TIMEOUT = "2s"
@@ -115,8 +123,11 @@ class AppliedMigration:
     duration_ms: int
 
 
-def load_migrations(directory: str | Path | Traversable | None = None) -> list[Migration]:
-    """Read and order the migration files (by default the ones shipped with zenpipe)."""
+def load_migrations(
+    directory: str | Path | Traversable | None = None, *, version_base: int = 0
+) -> list[Migration]:
+    """Read and order the migration files (by default the ones shipped with zenpipe);
+    each file's number is added to *version_base*."""
     folder: Traversable | Path
     if directory is None:
         folder = sql_dir() / "migrations"
@@ -131,7 +142,7 @@ def load_migrations(directory: str | Path | Traversable | None = None) -> list[M
         m = _FILENAME.match(entry.name)
         if m is None:
             raise MigrationError(f"migration file {entry.name!r} is not named NNNN_name.sql")
-        version = int(m.group(1))
+        version = version_base + int(m.group(1))
         if version in migrations:
             raise MigrationError(f"two migrations numbered {version:04d}")
         raw = entry.read_bytes()
@@ -151,8 +162,14 @@ def apply(
     *,
     directory: str | Path | Traversable | None = None,
     lock_timeout: float = 600.0,
+    citus: bool | None = None,
 ) -> list[Migration]:
     """Apply the pending migrations; return the ones this call applied.
+
+    *citus*: also apply the Citus steps (``sql/citus``) after the shared ones; None
+    (default) does so when the database has the ``citus`` extension and no *directory*
+    is given.  ``citus=True`` raises `SchemaError` on a server that is not a Citus
+    coordinator.
 
     Blocks while another process holds the migration lock, at most *lock_timeout*
     seconds, then raises `MigrationLockTimeout`.  Raises `MigrationChecksumError` before
@@ -164,6 +181,12 @@ def apply(
     q = load("schema")
     with psycopg.connect(conninfo, autocommit=True, row_factory=tuple_row) as conn:
         _check_server(conn)
+        if citus is None:
+            citus = directory is None and _has_citus(conn)
+        if citus:
+            if not _has_citus(conn):
+                raise SchemaError("citus=True, but the database is not a Citus coordinator")
+            migrations += load_migrations(sql_dir() / "citus", version_base=CITUS_VERSION_BASE)
         with _migration_lock(conn, lock_timeout):
             conn.execute(q["create_migrations_table"])
             recorded = {row[0]: (row[1], row[2]) for row in conn.execute(q["applied_checksums"])}
@@ -214,6 +237,16 @@ def pending(conninfo: str, directory: str | Path | Traversable | None = None) ->
 
 def _ms_since(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
+
+
+def _has_citus(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Whether *conn* is a Citus coordinator."""
+    q = load("schema")
+    row = conn.execute(q["has_citus"]).fetchone()
+    if row is None or not row[0]:
+        return False
+    row = conn.execute(q["is_citus_coordinator"]).fetchone()
+    return row is not None and bool(row[0])
 
 
 def _check_server(conn: psycopg.Connection[tuple[object, ...]]) -> None:

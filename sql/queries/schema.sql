@@ -72,3 +72,12 @@ FROM pg_proc AS p
 JOIN pg_namespace AS n ON n.oid = p.pronamespace
 WHERE n.nspname = current_schema()
 ORDER BY 1;
+
+-- name: has_citus
+-- Whether the citus extension is installed (then ask is_citus_coordinator: the function
+-- does not exist without the extension).
+SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus');
+
+-- name: is_citus_coordinator
+-- A worker has the extension too, but zenpipe's schema is applied on the coordinator.
+SELECT citus_is_coordinator();
