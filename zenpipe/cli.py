@@ -385,62 +385,169 @@ def _add_roles(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo  # noqa: PLC0415  (spawns processes; only when asked)
+    """``zenpipe demo``: a small preset of ``zenpipe bench`` (no faults)."""
+    from .bench import BenchConfig, run  # noqa: PLC0415  (spawns processes; only when asked)
+    from .bench.report import LiveView, render  # noqa: PLC0415
 
-    with _database(args.dsn) as dsn:
-        applied = schema.apply(dsn)
-        if applied:
-            print(f"schema: applied {', '.join(m.label for m in applied)}")
-        print(
-            f"demo: {args.rows:,} raw rows, {args.servers} servers x {args.workers} workers, "
-            f"batches of {args.batch}"
-        )
-        report = demo.run(
-            dsn, rows=args.rows, servers=args.servers, workers=args.workers, batch=args.batch
-        )
+    dsn = args.dsn or os.environ.get("ZENPIPE_DSN") or None
+    config = BenchConfig(
+        rows=args.rows, servers=args.servers, workers=args.workers, batch=args.batch
+    )
+    print(
+        f"demo (zenpipe bench preset): {args.rows:,} raw rows, {args.servers} servers x "
+        f"{args.workers} worker processes, batches of {args.batch}",
+        file=sys.stderr,
+    )
+    with LiveView(quiet=args.json) as live:
+        result = run(config, dsn=dsn, on_progress=live.update)
+    report = result.report
+    report["seeded"] = report["data"]
+    report["errors"] = [f"{v.name}: {v.count} case(s)" for v in result.violations]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        checks, seeded = report["checks"], report["seeded"]
-        print(f"done in {report['seconds']} s: {report['rows_per_s']:,} rows/s end to end")
-        print(
-            f"results: {checks['rows_done']:,} done, {checks['rows_parked_failed']} parked "
-            f"after failing twice (poison rows seeded: {seeded['poison']}), "
-            f"{checks['rows_left']} left"
-        )
-        print(
-            f"contacts: {checks['contacts']:,} (one per valid link: "
-            f"{checks['expected_contacts']:,}; {seeded['repeats']:,} re-scrapes merged)"
-        )
-        print(
-            f"rejected records kept in zen_rejects: {checks['rejects']} "
-            f"(bad records seeded: {seeded['bad']})"
-        )
-        print(
-            f"advisory locks left: {checks['zenpipe_locks_left']}, "
-            f"idle transactions left: {checks['idle_in_transaction']}"
-        )
-        for e in report["errors"]:
-            print(f"error: {e}")
-        print("invariants: OK" if report["ok"] else "invariants: VIOLATED")
-    return 0 if report["ok"] else 1
+        render(report)
+    return 0 if result.ok else 1
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline on synthetic scrapes and check its invariants",
-        description="Seed raw rows, run servers x workers until idle, verify the result.",
+        description="A small preset of zenpipe bench: seed raw rows, run servers x "
+        "worker processes until every row is settled, check the invariants.",
     )
     p.add_argument(
         "--dsn", help="libpq connection string (default: $ZENPIPE_DSN, else a throwaway server)"
     )
-    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--rows", type=int, default=5_000)
     p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--workers", type=int, default=3, help="worker threads per server")
+    p.add_argument("--workers", type=int, default=3, help="worker processes per server")
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run  # noqa: PLC0415  (spawns processes; only when asked)
+    from .bench.faults import RATE_KINDS  # noqa: PLC0415
+    from .bench.report import LiveView, plot, render  # noqa: PLC0415
+
+    dsn = args.dsn or os.environ.get("ZENPIPE_DSN") or None
+    rates = {}
+    for kind in RATE_KINDS:
+        given = getattr(args, kind)
+        rates[kind] = given if given is not None else (args.chaos or 0.0)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            print("zenpipe: error: --plot needs matplotlib: pip install 'zenpipe[plot]'",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    restart_pg = args.restart_postgres or (bool(args.chaos) and dsn is None)
+    if args.restart_postgres and dsn is not None:
+        print("zenpipe: error: --restart-postgres needs the throwaway server (no --dsn)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    crash = args.crash_rows if args.crash_rows is not None else (0.001 if args.chaos else 0.0)
+    config = BenchConfig(
+        rows=args.rows,
+        servers=args.servers,
+        workers=args.workers,
+        batch=args.batch,
+        lease=args.lease,
+        max_attempts=args.max_attempts,
+        seed=args.seed,
+        latency=args.latency,
+        fail_rate=args.fail_rate,
+        poison_rate=args.poison_rate,
+        bad_rate=args.bad_rate,
+        crash_rate=crash,
+        rates=rates,
+        restart_postgres=restart_pg,
+        timeout=args.timeout,
+        keep=args.keep,
+    )
+    where = "your server, in a database of its own" if dsn else "a throwaway PostgreSQL"
+    print(
+        f"bench: {config.rows:,} source rows, {config.servers} servers x {config.workers} "
+        f"worker processes, batches of {config.batch}, on {where}",
+        file=sys.stderr,
+    )
+    with LiveView(quiet=args.quiet) as live:
+        result = run(config, dsn=dsn, on_progress=live.update)
+    report = result.report
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
+    render(report)
+    return 0 if result.ok else 1
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``zenpipe bench``: the multi-server benchmark and chaos harness (docs/bench.md)."""
+    p = sub.add_parser(
+        "bench",
+        help="run servers x worker processes on generated scrapes, with faults; check "
+        "every invariant",
+        description="Load deterministic Google-Maps-like source rows, run --servers bench "
+        "servers (each a supervisor of --workers worker processes) until every row is "
+        "settled, inject the faults asked for, then check the invariants from the "
+        "database (exit 1 naming any violated). Without --dsn it runs on a throwaway "
+        "PostgreSQL; with --dsn or ZENPIPE_DSN it creates a database of its own, "
+        "zenbench_<random>, on that server (the role needs CREATEDB) and drops it at the "
+        "end: nothing else is touched. See docs/bench.md.",
+    )
+    p.add_argument("--dsn", help="a server to run on, in a database of its own (default: "
+                   "$ZENPIPE_DSN, else a throwaway PostgreSQL)")  # fmt: skip
+    p.add_argument("--rows", type=int, default=30_000, help="source rows (default 30,000)")
+    p.add_argument("--servers", type=int, default=10, help="bench servers (default 10)")
+    p.add_argument("--workers", type=int, default=6,
+                   help="worker processes per server (default 6)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=100, help="rows per claim (default 100)")
+    p.add_argument("--lease", type=float, default=4.0, help="lease seconds (default 4)")
+    p.add_argument("--max-attempts", type=int, default=5, help="claims before a row is parked")
+    p.add_argument("--seed", type=int, default=11, help="data and chaos seed")
+    p.add_argument("--latency", type=float, default=0.0,
+                   help="mean enrichment seconds per row (default 0)")  # fmt: skip
+    p.add_argument("--fail-rate", type=float, default=0.02,
+                   help="rows whose enrichment fails once or twice, then succeeds")  # fmt: skip
+    p.add_argument("--poison-rate", type=float, default=0.003,
+                   help="rows whose enrichment always fails (parked)")  # fmt: skip
+    p.add_argument(
+        "--bad-rate",
+        type=float,
+        default=0.02,
+        help="rows whose record the validator rejects (every reason at least once)",
+    )
+    g = p.add_argument_group("faults (RATE: faults per second; --chaos sets every one)")
+    g.add_argument("--chaos", type=float, metavar="RATE",
+                   help="every fault below at RATE, one PostgreSQL restart (throwaway "
+                   "server) and crash rows (0.1%%) unless given on their own")  # fmt: skip
+    for kind, text in (
+        ("kill_workers", "SIGKILL a worker process"),
+        ("kill_servers", "SIGKILL a whole server (supervisor and workers), then restart it"),
+        ("stop_servers", "SIGSTOP a whole server for 1.5 leases"),
+        ("terminate_backends", "pg_terminate_backend of up to 3 zenpipe backends"),
+        ("drop_commit_acks", "lose a COMMIT's reply after it landed (TCP proxy)"),
+        ("cut_before_commit", "cut a connection just before its COMMIT (TCP proxy)"),
+    ):
+        g.add_argument(f"--{kind.replace('_', '-')}", type=float, metavar="RATE", help=text)
+    g.add_argument("--restart-postgres", action="store_true",
+                   help="restart the throwaway PostgreSQL once mid-run (immediate)")  # fmt: skip
+    g.add_argument("--crash-rows", type=float, metavar="FRACTION",
+                   help="rows whose enrichment SIGKILLs its process (parked alone)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=900.0, help="give up after this many s")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--plot", metavar="PATH",
+                   help="PNG of throughput, connections and faults (zenpipe[plot])")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the database, the server and the logs (debugging)")  # fmt: skip
+    p.set_defaults(func=_cmd_bench)
 
 
 def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -631,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(schema_sub, "status", _cmd_schema_status, "list applied and pending migrations")
     # Further subcommands register here, one call each.
+    _add_bench(sub)
     _add_demo(sub)
     _add_stats(sub)
     _add_requeue(sub)

@@ -101,3 +101,12 @@ ORDER BY 1;
 -- Leases that ran out while a row was enriched (expiries) and claims spent, over all rows.
 SELECT coalesce(sum(r.expiries), 0)::bigint, coalesce(sum(r.attempts), 0)::bigint
 FROM results AS r;
+
+-- name: summary
+-- The headline figures of the report (and of `zenpipe demo --json`'s "checks").
+SELECT (SELECT count(*) FILTER (WHERE r.status = 'done') FROM results AS r)       AS done,
+       (SELECT count(*) FILTER (WHERE r.status = 'failed') FROM results AS r)     AS parked,
+       (SELECT count(*) FILTER (WHERE r.status NOT IN ('done', 'failed'))
+        FROM results AS r)                                                         AS left_over,
+       (SELECT count(*) FROM zen_contacts)                                         AS contacts,
+       (SELECT count(*) FROM zen_rejects)                                          AS rejects;

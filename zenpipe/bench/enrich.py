@@ -110,7 +110,7 @@ def _spoil(record: dict[str, Any], reason: str) -> None:
     elif reason == "too_many_items":
         record["emails"] = [f"list{i}@spam.example" for i in range(1001)]
     elif reason == "naive_datetime":
-        record["observed_at"] = datetime(2026, 1, 1)  # noqa: DTZ001  (the point)
+        record["observed_at"] = datetime(2026, 1, 1)
     elif reason == "in_future":
         record["observed_at"] = datetime.now(UTC) + timedelta(hours=3)
     elif reason == "unknown_field":

@@ -90,7 +90,7 @@ class Schedule:
 
 def children(pid: int) -> list[int]:
     """Pids of the live child processes of *pid* (Linux ``/proc``)."""
-    out = []
+    out: list[int] = []
     try:
         entries = os.listdir("/proc")
     except OSError:

@@ -7,6 +7,7 @@ installed and the output is a terminal; otherwise plain lines.  matplotlib
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 from collections import Counter
@@ -104,6 +105,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rss = report["peak_rss_mib"]
     faults = ", ".join(f"{k} {v}" for k, v in report["faults"].items() if v) or "none"
     d = report["data"]
+    outcomes = ", ".join(f"{k} {v}" for k, v in report["outcomes"].items())
     return [
         ("rows", f"{d['rows']:,} ({d['links']:,} links, {d['rescrapes']:,} re-scrapes, "
                  f"{d['bad']} bad, {d['poison']} poison, {d['crash']} crash, "
@@ -114,12 +116,13 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("claim p50/p95/p99 ms", _ms(lat["claim"])),
         ("enrich p50/p95/p99 ms", _ms(lat["enrich"])),
         ("write p50/p95/p99 ms", _ms(lat["write"])),
-        ("batches", f"{report['batches']:,} ({', '.join(f'{k} {v}' for k, v in report['outcomes'].items())})"),
+        ("batches", f"{report['batches']:,} ({outcomes})"),
         ("retries", f"{report['retries']}"),
         ("leases lost", f"{report['leases_lost']}"),
         ("fenced batches", f"{report['fenced_batches']}"),
         ("peak connections", f"{report['peak_connections']} (budget {report['fleet_budget']})"),
-        ("rows per partition", f"{parts['min_rows']}-{parts['max_rows']} over {parts['used']} partitions"),
+        ("rows per partition",
+         f"{parts['min_rows']}-{parts['max_rows']} over {parts['used']} partitions"),
         ("peak RSS per worker", f"max {rss['max']} MiB, median {rss['median']} MiB"),
         ("faults", faults),
     ]  # fmt: skip
@@ -221,7 +224,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     tl = report["timeline"]
     ts = [p["t"] for p in tl]
     rates = [0.0]
-    for a, b in zip(tl, tl[1:], strict=False):
+    for a, b in itertools.pairwise(tl):
         dt = b["t"] - a["t"]
         rates.append((b["settled"] - a["settled"]) / dt if dt > 0 else 0.0)
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)

@@ -255,8 +255,11 @@ def run(
     os.mkdir(events_dir)
     try:
         with _database(dsn, config) as (bench_dsn, server):
-            result = _run_on(config, bench_dsn, server, dataset, expected, events_dir,
-                             folder, on_progress, corrupt)  # fmt: skip
+            result = _run_on(
+                config=config, bench_dsn=bench_dsn, pg=server, dataset=dataset,
+                expected=expected, events_dir=events_dir, folder=folder,
+                on_progress=on_progress, corrupt=corrupt,
+            )  # fmt: skip
     finally:
         if not config.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -264,6 +267,7 @@ def run(
 
 
 def _run_on(
+    *,
     config: BenchConfig,
     bench_dsn: str,
     pg: ThrowawayPostgres | None,
@@ -379,10 +383,8 @@ def _run_on(
                     faults.add(kind, t, f"backend {pid}")
             except psycopg.Error:
                 sampler.close()
-        elif kind in ("drop_commit_acks", "cut_before_commit") and proxy is not None:
-            mode = "drop_ack" if kind == "drop_commit_acks" else "cut"
-            if proxy.armed < 2:
-                proxy.arm(mode)
+        elif kind in ("drop_commit_acks", "cut_before_commit") and proxy and proxy.armed < 2:
+            proxy.arm("drop_ack" if kind == "drop_commit_acks" else "cut")
 
     for s in servers:
         spawn(s)
@@ -436,7 +438,9 @@ def _run_on(
                 }
                 timeline.append(point)
                 if on_progress is not None:
-                    on_progress(_live(point, timeline, total, events, faults, proxy, peak, budget))
+                    on_progress(
+                        _live(point, timeline, total, events, faults, proxy, (peak, budget))
+                    )
             if settled >= total:
                 break
             if t > config.timeout:
@@ -463,8 +467,9 @@ def _run_on(
     with psycopg.connect(bench_dsn, autocommit=True) as conn:
         facts = RunFacts(events.claims, peak, budget, processes_killed)
         violations = check(conn, dataset, expected, facts)
-        partitions = {leaf: n for leaf, n in conn.execute(q["partition_counts"]).fetchall()}
+        partitions: dict[str, int] = dict(conn.execute(q["partition_counts"]).fetchall())
         totals = conn.execute(q["claim_totals"]).fetchone()
+        summary = conn.execute(q["summary"]).fetchone()
     if timed_out:
         violations.insert(
             0, Violation("rows_settled", total - settled, [f"timed out after {config.timeout} s"])
@@ -489,6 +494,17 @@ def _run_on(
         applied=len(applied),
         logs=os.path.join(folder, "servers.log") if config.keep else None,
     )
+    if summary is not None:
+        done, parked, left_over, contacts, rejects = (int(x) for x in summary)
+        report["checks"] = {
+            "rows_done": done,
+            "rows_parked_failed": parked,
+            "rows_left": left_over,
+            "contacts": contacts,
+            "expected_contacts": len(expected.contacts),
+            "rejects": rejects,
+            "expected_rejects": sum(expected.rejects.values()),
+        }
     return BenchResult(report, violations)
 
 
@@ -496,9 +512,9 @@ def _fired(proxy: CommitProxy | None) -> int:
     return len(proxy.fired) if proxy is not None else 0
 
 
-def _live(point: dict[str, Any], timeline: list[dict[str, Any]], total: int, events: _Events,
-          faults: FaultLog, proxy: CommitProxy | None, peak: int,
-          budget: int) -> dict[str, Any]:  # fmt: skip
+def _live(point: dict[str, Any], timeline: list[dict[str, Any]], total: int, events: _Events,  # noqa: PLR0917
+          faults: FaultLog, proxy: CommitProxy | None,
+          peak_budget: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
     window = [p for p in timeline if p["t"] >= point["t"] - 5]
     rate = 0.0
     if len(window) > 1 and window[-1]["t"] > window[0]["t"]:
@@ -518,8 +534,8 @@ def _live(point: dict[str, Any], timeline: list[dict[str, Any]], total: int, eve
         "failed_rows": sum(b["failed"] for b in events.batches),
         "faults": {k: v for k, v in counts.items() if v},
         "connections": point["connections"],
-        "peak_connections": peak,
-        "budget": budget,
+        "peak_connections": peak_budget[0],
+        "budget": peak_budget[1],
         "processes": events.starts,
     }
 
