@@ -1,0 +1,157 @@
+"""``zenpipe bench`` (issue 11): real servers, real worker processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from zenpipe.bench import BenchConfig, data, run
+from zenpipe.bench.enrich import build_record
+from zenpipe.bench.faults import KINDS, RATE_KINDS
+from zenpipe.bench.invariants import INVARIANTS
+from zenpipe.bench.report import render
+from zenpipe.embedded import ThrowawayPostgres
+from zenpipe.locks import NAMESPACE_CLAIM
+from zenpipe.validate import validate_record
+
+SMALL = {"rows": 1500, "servers": 2, "workers": 2}
+
+
+def _databases(server: ThrowawayPostgres) -> set[str]:
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        return {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+
+
+def test_generated_records_are_rejected_for_exactly_their_reason() -> None:
+    """The expected table's premise, checked against the validator once: every bad
+    record has exactly the one problem its row names, and no good record has any
+    (unknown_source_id is decided by the database: valid here)."""
+    dataset = data.generate(2000, seed=3)
+    now_us = int(time.time() * 1e6)
+    reasons = set()
+    for row in dataset.rows:
+        record = build_record(row.link, 1, row.data)
+        if record is None:
+            continue
+        got = validate_record(record, max_array_items=1000, now_us=now_us)
+        if row.kind == "bad" and row.data["bad"] != "unknown_source_id":
+            assert isinstance(got, list), row.data["bad"]
+            assert [p.reason for p in got] == [row.data["bad"]]
+            reasons.add(row.data["bad"])
+        else:
+            assert not isinstance(got, list), (row.data, got)
+    assert reasons | {"unknown_source_id"} == {r for _, r in data.BAD_REASONS}
+    assert data.generate(2000, seed=3).rows == dataset.rows  # deterministic
+
+
+def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
+    pg_server: ThrowawayPostgres, tmp_path: Path
+) -> None:
+    before = _databases(pg_server)
+    report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "zenpipe", "bench", "--dsn", pg_server.dsn, "--rows", "1500",
+         "--servers", "2", "--workers", "2", "--quiet", "--json", str(report_path),
+         "--plot", str(plot_path)],
+        check=False, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "invariants: OK" in done.stdout
+    report = json.loads(report_path.read_text())
+    assert report["ok"] is True and report["mode"] == "dsn"
+    assert all(report["invariants"][name] for name in INVARIANTS)
+    assert report["checks"]["rows_left"] == 0
+    assert report["checks"]["contacts"] == report["checks"]["expected_contacts"] > 0
+    assert report["checks"]["rejects"] == report["checks"]["expected_rejects"] > 0
+    assert report["batches"] > 0 and report["latency"]["claim"]["p50_ms"] is not None
+    assert report["partitions"]["used"] == 32
+    assert report["peak_connections"] <= report["fleet_budget"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _databases(pg_server) == before  # its own database made and dropped, nothing else
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_chaos_run_counts_every_fault_kind_and_keeps_every_invariant() -> None:
+    config = BenchConfig(
+        **SMALL,
+        rates=dict.fromkeys(RATE_KINDS, 0.15),
+        restart_postgres=True,
+        crash_rate=0.001,
+        timeout=800,
+    )
+    result = run(config)  # throwaway server: the restart needs it
+    report = result.report
+    assert result.ok, report["violations"]
+    counts = report["faults"]
+    assert all(counts[kind] > 0 for kind in KINDS), counts
+    assert report["checks"]["rows_left"] == 0
+    assert (
+        report["checks"]["rows_parked_failed"] == report["data"]["poison"] + report["data"]["crash"]
+    )
+
+
+@pytest.mark.slow
+def test_invariant_checker_names_each_corruption(pg_server: ThrowawayPostgres) -> None:
+    """A clean run, then the database corrupted behind the fleet's back: each
+    corruption is caught and named, and the run is not ok."""
+    held: list[psycopg.Connection[Any]] = []
+
+    def corrupt(dsn: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE zen_contacts SET scrape_count = scrape_count * 2 "
+                "WHERE source_link = (SELECT min(source_link) FROM zen_contacts)"
+            )
+            conn.execute("DELETE FROM zen_rejects WHERE id = (SELECT min(id) FROM zen_rejects)")
+            conn.execute(
+                "UPDATE zen_contacts SET emails = emails || emails[1] WHERE source_link = "
+                "(SELECT max(source_link) FROM zen_contacts WHERE emails_count > 0)"
+            )
+            conn.execute(
+                "UPDATE results SET status = 'pending', claim_owner = NULL, claim_token = NULL, "
+                "lease_until = NULL WHERE id = (SELECT min(id) FROM results)"
+            )
+        lock = psycopg.connect(dsn, autocommit=True)
+        lock.execute("SELECT pg_advisory_lock(%s, 1)", (NAMESPACE_CLAIM,))
+        held.append(lock)
+
+    try:
+        result = run(BenchConfig(**SMALL), dsn=pg_server.dsn, corrupt=corrupt)
+    finally:
+        for conn in held:
+            conn.close()
+    names = {v.name for v in result.violations}
+    assert not result.ok
+    assert {
+        "no_effect_applied_twice",
+        "rejects_exactly_once",
+        "arrays_are_unions",
+        "no_advisory_locks_left",
+        "rows_settled",
+    } <= names, names
+    assert "fencing_tokens_unique" not in names and "routed_partition" not in names
+
+    class Out:
+        text = ""
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def isatty(self) -> bool:
+            return False
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    render(result.report, out)  # type: ignore[arg-type]
+    assert "VIOLATED no_effect_applied_twice" in out.text
+    assert "invariants: VIOLATED" in out.text
