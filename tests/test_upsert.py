@@ -55,11 +55,13 @@ def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
 
 
 def test_sql_column_order_matches_python(postgresql: psycopg.Connection[Any]) -> None:
-    merge = queries.load("upsert")["merge_round"].as_string()
+    merge = queries.load("upsert")["merge_rows"].as_string()
     picked = re.findall(r"(\w+) = zen_pick_v1\(c\.\1, c\.observed_us\[(\d+)\]", merge)
     assert [(c, int(i)) for c, i in picked] == [(c, i + 1) for i, c in enumerate(SCALAR_COLUMNS)]
-    stage = queries.load("upsert")["copy_stage"].as_string()
-    assert ", ".join(SCALAR_COLUMNS) in " ".join(stage.split())
+    # the staged arrays, unnest()ed in the same order as the observation slots
+    staged = re.search(r"AS u \(([^)]*)\)", merge)
+    assert staged is not None
+    assert ", ".join(SCALAR_COLUMNS) in " ".join(staged.group(1).split())
     # Every column of the table is either merged here, derived, or bookkeeping.
     cols = {
         r[0]
@@ -105,9 +107,9 @@ def test_batch_lands_merged_with_counts_equal_to_lengths(
     ]
     report = upserter.upsert(recs)
     assert (report.written, report.rejected, report.merged_in_batch) == (300, 0, 0)
-    # The batch's checks and idempotency key (one statement, issue 8), COPY + one merge +
-    # create/drop: no per-row round trip.
-    assert report.statements == 5
+    # The idempotency key (issue 8) and one merge of bound arrays (issue 10: no staging
+    # table to create, fill and drop): no per-row round trip.
+    assert report.statements == 2
     report = upserter.upsert(
         [
             {"source_link": f"https://maps/{i}", "emails": [f"new{i}@x.com", "a@x.com"]}
@@ -500,8 +502,8 @@ def test_python_work_is_done_once_and_reported(dsn: str) -> None:
         assert len(first) == 8 and [id(c) for c in prepared.chunks()] == first  # memoized
         report = up.upsert(_mixed_batch(1))
     assert report.prepare_seconds > 0
-    # create, then per 50-row chunk a COPY and a merge per round, drop, rejects
-    assert report.statements >= 1 + 2 * 8 + 2
+    # the key, then per 50-row chunk a merge per round, and the rejects
+    assert report.statements >= 1 + 8 + 1
 
 
 # -- order independence (hypothesis) ---------------------------------------------------

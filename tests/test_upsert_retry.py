@@ -26,6 +26,9 @@ from zenpipe.upsert import Upserter
 # The simple-protocol Query message psycopg sends for Connection.commit() and for the
 # end of a `with conn.transaction()` block.
 COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+# The extended-protocol Parse of an unnamed COMMIT statement: how the writer's pipelined
+# fast path (issue 10) commits, in the same round trip as its last statements.
+COMMIT_PARSE = b"P\x00\x00\x00\x0e\x00COMMIT\x00"
 # ReadyForQuery, idle: the server's last message after a successful COMMIT.
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 
@@ -90,7 +93,7 @@ class CommitAckDropper:
             while data := client.recv(65536):
                 seen = tail + data
                 with self._lock:
-                    if self._armed and COMMIT_MESSAGE in seen:
+                    if self._armed and (COMMIT_MESSAGE in seen or COMMIT_PARSE in seen):
                         self._armed = False
                         drop.set()
                 tail = seen[-len(COMMIT_MESSAGE) :]

@@ -449,6 +449,29 @@ class Claimer:
 
         self._retrying(own)
 
+    def statements(
+        self, operation: str, claims: Sequence[Claim], **extra: Any
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        """The statements of a settle, as (query, parameters), for a caller that sends
+        them itself (in a pipeline, inside the write's round trip): *operation* is
+        ``"complete"`` or ``"extend_settling"`` (the lease pushed by ``lease_seconds``
+        and the batch marked settling, all or nothing).  One statement per claim; the
+        caller checks the rows they return with `check_rows` and rolls back on
+        `StaleClaimError`."""
+        if operation not in {"complete", "extend_settling"}:
+            raise ValueError(f"no pipelined statement for {operation!r}")
+        query = self._queries[operation]
+        extra.setdefault("lease", self.lease_seconds)
+        return [(query, {**g, **extra}) for g in _by_token(claims)]
+
+    @staticmethod
+    def check_rows(
+        claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operation: str
+    ) -> None:
+        """Raise `StaleClaimError` naming the claims whose row is missing from *rows*
+        (the rows a settle statement returned, id first)."""
+        _check_all(claims, rows, operation)
+
     # -- plumbing ---------------------------------------------------------------------
 
     @contextmanager

@@ -16,12 +16,13 @@ only ``scrape_count`` counts the writes themselves.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import reprlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import psycopg
 from psycopg import pq
-from psycopg.types.json import set_json_dumps
+from psycopg.types.json import Jsonb, set_json_dumps
 from psycopg_pool import ConnectionPool
 from tenacity import (
     Retrying,
@@ -89,6 +90,7 @@ _COPY_TYPES = [
     "text[]",
 ]
 _REJECT_TYPES = ["text", "int4", "text", "text", "text", "text", "jsonb", "jsonb", "bool"]
+_JSON_COLUMNS = frozenset(c for c, t in _STAGE_TYPES.items() if t == "jsonb")
 
 #: SQLSTATE classes that mean "this row's data", not "this connection": bisect on them.
 #: 22 data exception, 23 integrity constraint violation, 54 program limit exceeded
@@ -141,6 +143,9 @@ class UpsertReport:
     prepare_wait_seconds: float = 0.0
     #: Transactions the call used (1, or one per partition group with ``parallel``).
     transactions: int = 1
+    #: Whether `Upserter.upsert_and_complete`'s *after* statements committed with the
+    #: write (the fast path); False: they were not run.
+    after_committed: bool = False
 
 
 class _Chunk(NamedTuple):
@@ -436,7 +441,13 @@ class Upserter:
         return _combine(reports)
 
     def upsert_and_complete(
-        self, records: Iterable[Mapping[str, Any]], claimer: Claimer, batch: Batch
+        self,
+        records: Iterable[Mapping[str, Any]],
+        claimer: Claimer,
+        batch: Batch,
+        *,
+        settling: bool = False,
+        after: Callable[[psycopg.Connection[Any], int, int], None] | None = None,
     ) -> UpsertReport:
         """Merge *records* and mark *batch*'s claims done, in one transaction.
 
@@ -450,6 +461,15 @@ class Upserter:
         over after their lease ran out, and `EmptyBatchError` (a `ValueError`), before
         anything is written, for a batch with no claims: such a write has nothing to
         fence it (use `upsert` for records that belong to no claim).
+
+        With *settling*, the batch is first marked as being written
+        (`Claimer.extend` ``settling=True``, all or nothing, committed on its own before
+        the write).  *after* (``after(conn, written, rejected)``) runs more statements
+        in the write's transaction just before its commit (the worker's bookkeeping);
+        ``report.after_committed`` says whether they committed with the write (only on
+        the fast path: a first attempt on an idle direct connection; otherwise they are
+        not run, and the caller runs its bookkeeping itself).  On that path the whole
+        call is two round trips plus the pool's check (docs/upserting.md).
         """
         if not batch.claims:
             raise EmptyBatchError(
@@ -457,7 +477,7 @@ class Upserter:
                 "would not be fenced; use upsert() for records without claims"
             )
         prepared = self._prepare(records)
-        return self._run(prepared, claimer, batch)
+        return self._run(prepared, claimer, batch, settling=settling, after=after)
 
     def prune_keys(self, *, older_than: timedelta = timedelta(days=1), limit: int = 10_000) -> int:
         """Delete at most *limit* idempotency keys committed more than *older_than* ago;
@@ -477,7 +497,13 @@ class Upserter:
     # -- internals --------------------------------------------------------------------
 
     def _run(
-        self, prepared: _Prepared, claimer: Claimer | None, batch: Batch | None
+        self,
+        prepared: _Prepared,
+        claimer: Claimer | None,
+        batch: Batch | None,
+        *,
+        settling: bool = False,
+        after: Callable[[psycopg.Connection[Any], int, int], None] | None = None,
     ) -> UpsertReport:
         retrying = Retrying(
             stop=stop_after_attempt(self.max_retries + 1),
@@ -491,18 +517,37 @@ class Upserter:
         for attempt in retrying:
             with attempt:
                 attempts += 1
-                with self._pool.connection() as conn, conn.transaction():
-                    if attempts > 1 and batch is not None and self._batch_done(conn, batch):
-                        report = self._report(prepared, _Written(0, 1, []), retries=attempts - 1)
-                        report.already_committed = True
-                        return report
-                    written = self._write(conn, prepared, key=key)
-                    if written.already_committed:
-                        report = self._report(prepared, written, retries=attempts - 1)
-                        report.already_committed = True
-                        return report
-                    if claimer is not None and batch is not None:
-                        claimer.complete(batch, conn=conn)
+                with self._pool.connection() as conn:
+                    if attempts == 1 and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                        fast = self._write_fast(
+                            conn, prepared, key=key, claimer=claimer, batch=batch,
+                            settling=settling, after=after,
+                        )  # fmt: skip
+                        if fast is not None:
+                            report = self._report(prepared, fast, retries=0)
+                            report.already_committed = fast.already_committed
+                            report.after_committed = (
+                                after is not None and not fast.already_committed
+                            )
+                            return report
+                        settling = False  # the fast path committed the mark already
+                    if settling and claimer is not None and batch is not None:
+                        claimer.extend(batch, settling=True)
+                        settling = False
+                    with conn.transaction():
+                        if attempts > 1 and batch is not None and self._batch_done(conn, batch):
+                            report = self._report(
+                                prepared, _Written(0, 1, []), retries=attempts - 1
+                            )
+                            report.already_committed = True
+                            return report
+                        written = self._write(conn, prepared, key=key)
+                        if written.already_committed:
+                            report = self._report(prepared, written, retries=attempts - 1)
+                            report.already_committed = True
+                            return report
+                        if claimer is not None and batch is not None:
+                            claimer.complete(batch, conn=conn)
         return self._report(prepared, written, retries=attempts - 1)
 
     def _batch_done(self, conn: psycopg.Connection[Any], batch: Batch) -> bool:
@@ -686,101 +731,298 @@ class Upserter:
         return 1, key is None or key_inserted == 1, bad
 
     def _write(
-        self, conn: psycopg.Connection[Any], prepared: _Prepared, *, key: uuid.UUID | None = None
+        self,
+        conn: psycopg.Connection[Any],
+        prepared: _Prepared,
+        *,
+        key: uuid.UUID | None = None,
+        after: Callable[[psycopg.Connection[Any], int, int], None] | None = None,
     ) -> _Written:
-        """Check the batch against the database (`_begin`), then stage and merge chunk by
-        chunk (bisecting bad rows out), store rejects; no commit.  The next chunk is
-        validated in the helper thread meanwhile.  With *key*, writes nothing when an
-        earlier attempt holding that key committed (``already_committed``)."""
+        """Stage and merge round by round inside *conn*'s open transaction, each merge in
+        a savepoint so that a data error bisects its rows out; store rejects; no commit.
+        The careful path: a caller's transaction (``conn=``), a retry, or a fast write
+        that met a row PostgreSQL refuses.  With *key*, writes nothing when an earlier
+        attempt holding that key committed (``already_committed``)."""
         q = self._queries
         db_rejects: list[tuple[Rejection, list[Problem]]] = []
         written = 0
         statements = 0
-        staged = False
-        order, records = prepared.order, prepared.records
         with conn.cursor() as cur:
             set_json_dumps(orjson.dumps, context=cur)
-            ran, new_key, bad = self._begin(cur, prepared, key)
-            statements += ran
-            if not new_key:
-                return _Written(0, statements, [], already_committed=True)
-            for chunk in prepared.chunks():
-                rows, rounds = chunk.rows, chunk.rounds
-                if bad:  # refused by the database's checks: never staged
-                    kept = []
-                    for row in rows:
-                        i = order[row[0]]
-                        problems = bad.get(i)
-                        if problems is None:
-                            kept.append(row)
-                        else:
-                            db_rejects.append(_rejection(i, records[i], problems))
-                    if len(kept) < len(rows):
-                        rows = kept
-                        # keep the round numbers: they are staged with the rows
-                        rounds = [[o for o in r if order[o] not in bad] for r in rounds]
-                if not rows:
-                    continue
-                if not staged:
-                    cur.execute(q["create_stage"])
-                    statements += 1
-                    staged = True
-                with cur.copy(q["copy_stage"]) as copy:
-                    copy.set_types(_COPY_TYPES)
-                    for row in rows:
-                        copy.write_row(row)
+            if key is not None:
                 statements += 1
-                for rnd, ords in enumerate(rounds):
-                    if not ords:
-                        continue
-                    w, s, failed = self._merge(cur, rnd, ords)
-                    written += w
-                    statements += s
-                    for ord_, err in failed:
-                        i = prepared.order[ord_]
-                        db_rejects.append(_db_rejection(i, prepared.records[i], err))
-            if staged:
-                cur.execute(q["drop_stage"])
+                if not self._take_key(cur, key):
+                    return _Written(0, statements, [], already_committed=True)
+            left_out: list[tuple[int, Any]] = []
+            for rows in self._rounds(prepared):
+                w, s, failed, missing = self._merge(cur, rows)
+                written += w
+                statements += s
+                left_out += missing
+                for ord_, err in failed:
+                    i = prepared.order[ord_]
+                    db_rejects.append(_db_rejection(i, prepared.records[i], err))
+            if left_out:
                 statements += 1
+                db_rejects += self._left_out_rejections(cur, prepared, left_out)
             rejects = prepared.rejections() + db_rejects
             if rejects:
-                with cur.copy(q["copy_rejects"]) as copy:
-                    copy.set_types(_REJECT_TYPES)
-                    for rejection, problems in rejects:
-                        copy.write_row(self._reject_row(prepared.records, rejection, problems))
+                cur.execute(q["insert_rejects"], self._rejects_params(prepared, rejects))
                 statements += 1
+            if after is not None:
+                after(conn, written, len(rejects))
         return _Written(written, statements, db_rejects)
 
+    def _write_fast(
+        self,
+        conn: psycopg.Connection[Any],
+        prepared: _Prepared,
+        *,
+        key: uuid.UUID | None,
+        claimer: Claimer | None,
+        batch: Batch | None,
+        settling: bool,
+        after: Callable[[psycopg.Connection[Any], int, int], None] | None,
+    ) -> _Written | None:
+        """The whole write in two round trips on an idle direct connection, in psycopg's
+        pipeline mode with the transactions spelled out: (1) the settling mark in its own
+        committed transaction, then BEGIN, every round's merge, the known rejects and
+        the completion; (2) the rejects the merge left out, the bookkeeping (*after*)
+        and COMMIT.  No savepoint: a row PostgreSQL refuses rolls the transaction back
+        and None is returned (the caller then writes carefully, bisecting).  Raises
+        `StaleClaimError` (rolled back, nothing written) when the batch is no longer held.
+        """
+        q = self._queries
+        statements = 0
+        conn.autocommit = True
+        try:
+            cur = conn.cursor()
+            set_json_dumps(orjson.dumps, context=cur)
+            with conn.pipeline() as pipe:
+                held: list[tuple[psycopg.Cursor[Any], None]] = []
+                if settling and claimer is not None and batch is not None:
+                    cur.execute(q["begin"])
+                    for query, params in claimer.statements("extend_settling", batch.claims):
+                        held.append((conn.cursor(), None))
+                        held[-1][0].execute(query, params)
+                    cur.execute(q["commit"])
+                    statements += len(held)
+                cur.execute(q["begin"])
+                if key is not None:
+                    statements += 1
+                    if not self._take_key(cur, key):
+                        cur.execute(q["rollback"])
+                        return _Written(0, statements, [], already_committed=True)
+                merges: list[tuple[list[tuple[Any, ...]], psycopg.Cursor[Any]]] = []
+                for rows in self._rounds(prepared):
+                    mc = conn.cursor()
+                    set_json_dumps(orjson.dumps, context=mc)
+                    mc.execute(q["merge_rows"], self._round_params(rows))
+                    merges.append((rows, mc))
+                statements += len(merges)
+                known = prepared.rejections()
+                if known:
+                    cur.execute(q["insert_rejects"], self._rejects_params(prepared, known))
+                    statements += 1
+                done: list[psycopg.Cursor[Any]] = []
+                if claimer is not None and batch is not None:
+                    for query, params in claimer.statements("complete", batch.claims):
+                        done.append(conn.cursor())
+                        done[-1].execute(query, params)
+                    statements += len(done)
+                try:
+                    pipe.sync()
+                except psycopg.Error as e:
+                    if (e.sqlstate or "")[:2] in _ROW_ERROR_CLASSES:
+                        return None  # a row the database refuses: write carefully
+                    raise
+                if claimer is not None and batch is not None:
+                    rows_held = [r for c, _ in held for r in c.fetchall()]
+                    if held:
+                        claimer.check_rows(batch.claims, rows_held, "extend")
+                    claimer.check_rows(
+                        batch.claims, [r for c in done for r in c.fetchall()], "complete"
+                    )
+                written = 0
+                left_out: list[tuple[int, Any]] = []
+                for rows, mc in merges:
+                    got = {r[0] for r in mc.fetchall()}
+                    written += len(got)
+                    if len(got) < len(rows):
+                        left_out += [(row[0], row) for row in rows if row[3] not in got]
+                db_rejects: list[tuple[Rejection, list[Problem]]] = []
+                if left_out:
+                    db_rejects = self._left_out_rejections(cur, prepared, left_out)
+                    cur.execute(q["insert_rejects"], self._rejects_params(prepared, db_rejects))
+                    statements += 2
+                if after is not None:
+                    after(conn, written, len(known) + len(db_rejects))
+                cur.execute(q["commit"])
+            return _Written(written, statements, db_rejects)
+        finally:
+            if not conn.closed:
+                if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):  # lost: the pool discards it
+                        conn.execute(q["rollback"])
+                if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                    conn.autocommit = False
+
+    def _take_key(self, cur: psycopg.Cursor[Any], key: uuid.UUID) -> bool:
+        """Insert the call's idempotency *key* (`begin_write`); False when an earlier
+        attempt holding it committed (waits while that attempt is in doubt)."""
+        params = {
+            "key": key,
+            "source_ids": [],
+            "obs_index": [],
+            "obs_us": [],
+            "max_future": MAX_FUTURE_US,
+        }
+        row = cur.execute(self._queries["begin_write"], params).fetchone()
+        assert row is not None
+        return int(row[0]) == 1
+
+    def _rounds(self, prepared: _Prepared) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of each statement, chunk by chunk: a chunk's rounds in turn (a link
+        repeated in the batch goes to the next round), each in ord order."""
+        for chunk in prepared.chunks():
+            if not chunk.rows:
+                continue
+            if len(chunk.rounds) == 1:
+                yield chunk.rows
+                continue
+            for rnd in range(len(chunk.rounds)):
+                rows = [row for row in chunk.rows if row[1] == rnd]
+                if rows:
+                    yield rows
+
+    def _round_params(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        """The bound arrays of one merge (`merge_rows`), one per column."""
+        cols = list(zip(*rows, strict=True))
+        params: dict[str, Any] = {
+            "ord": list(cols[0]),
+            "partition_key": list(cols[2]),
+            "source_link": list(cols[3]),
+            "observed_us": list(cols[4]),
+            "max_future": MAX_FUTURE_US,
+        }
+        for j, name in enumerate(SCALAR_COLUMNS):
+            values = list(cols[5 + j])
+            if name in _JSON_COLUMNS:
+                values = [None if v is None else Jsonb(v) for v in values]
+            params[name] = values
+        n = 5 + len(SCALAR_COLUMNS)
+        params["emails"] = [_array_literal(a) for a in cols[n]]
+        params["phones"] = [_array_literal(a) for a in cols[n + 1]]
+        params["whatsapp"] = [_array_literal(a) for a in cols[n + 2]]
+        return params
+
+    def _left_out_rejections(
+        self, cur: psycopg.Cursor[Any], prepared: _Prepared, left_out: list[tuple[int, Any]]
+    ) -> list[tuple[Rejection, list[Problem]]]:
+        """Why the merge left rows out (its source_id and future checks): asked again
+        for those rows only, with the same checks (`begin_write` without a key)."""
+        order, records = prepared.order, prepared.records
+        sids: dict[int, list[int]] = {}
+        obs_index: list[int] = []
+        obs_us: list[int] = []
+        for ord_, row in left_out:
+            i = order[ord_]
+            sid = row[5]
+            if sid is not None:
+                sids.setdefault(sid, []).append(i)
+            if row[4] is not None:
+                obs_index.append(i)
+                obs_us.append(row[4])
+        params = {
+            "key": None,
+            "source_ids": sorted(sids),
+            "obs_index": obs_index,
+            "obs_us": obs_us,
+            "max_future": MAX_FUTURE_US,
+        }
+        found = cur.execute(self._queries["begin_write"], params).fetchone()
+        assert found is not None
+        _, unknown, in_future = found
+        bad: dict[int, list[Problem]] = {}
+        for sid in unknown:
+            for i in sids[sid]:
+                bad.setdefault(i, []).append(
+                    Problem("source_id", "unknown_source_id", f"results has no row with id {sid}")
+                )
+        future = Problem(
+            "observed_at",
+            "in_future",
+            "observed_at is more than an hour ahead of the database clock",
+        )
+        for i in in_future:
+            bad.setdefault(i, []).append(future)
+        out = []
+        for ord_, row in left_out:
+            i = order[ord_]
+            problems = bad.get(i)
+            if problems is None:  # the clock moved on meanwhile: the merge's check decided
+                detail = f"results has no row with id {row[5]}"
+                unknown_sid = Problem("source_id", "unknown_source_id", detail)
+                problems = [future] if row[4] is not None else [unknown_sid]
+            out.append(_rejection(i, records[i], problems))
+        return out
+
+    def _rejects_params(
+        self, prepared: _Prepared, rejects: list[tuple[Rejection, list[Problem]]]
+    ) -> dict[str, Any]:
+        rows = [self._reject_row(prepared.records, r, p) for r, p in rejects]
+        return {
+            "server_id": self.server_id,
+            "row_index": [r[1] for r in rows],
+            "source_link": [r[2] for r in rows],
+            "field": [r[3] for r in rows],
+            "reason": [r[4] for r in rows],
+            "detail": [r[5] for r in rows],
+            "problems": [Jsonb(r[6]) for r in rows],
+            "payload": [Jsonb(r[7]) for r in rows],
+            "payload_is_repr": [r[8] for r in rows],
+        }
+
     def _merge(
-        self, cur: psycopg.Cursor[Any], rnd: int, ords: Sequence[int]
-    ) -> tuple[int, int, list[tuple[int, psycopg.Error]]]:
+        self, cur: psycopg.Cursor[Any], rows: Sequence[tuple[Any, ...]]
+    ) -> tuple[int, int, list[tuple[int, psycopg.Error]], list[tuple[int, Any]]]:
         """Merge one round; on a data error, bisect with savepoints down to the bad rows.
 
-        Returns (rows written, statements run, [(ord, error)] of the rows refused).
+        Returns (rows written, statements run, [(ord, error)] of the rows refused,
+        [(ord, row)] of the rows the merge's checks left out).
         """
-        merge = self._queries["merge_round"]
-        conn = cur.connection
+        q = self._queries
+        merge = q["merge_rows"]
         failed: list[tuple[int, psycopg.Error]] = []
+        missing: list[tuple[int, Any]] = []
         written = 0
         statements = 0
-        stack = [(0, len(ords))]
+        stack = [(0, len(rows))]
         while stack:
             lo, hi = stack.pop()
+            part = rows[lo:hi]
             statements += 1
+            # explicit: on an idle connection psycopg opens the caller's transaction first
+            cur.execute(q["savepoint"])
             try:
-                with conn.transaction():
-                    cur.execute(merge, {"round": rnd, "lo": ords[lo], "hi": ords[hi - 1]})
-                    written += cur.rowcount
+                got = {r[0] for r in cur.execute(merge, self._round_params(part)).fetchall()}
+                cur.execute(q["release"])
             except psycopg.Error as e:
                 if (e.sqlstate or "")[:2] not in _ROW_ERROR_CLASSES:
                     raise
+                cur.execute(q["rollback_to"])
+                cur.execute(q["release"])
                 if hi - lo == 1:
-                    failed.append((ords[lo], e))
+                    failed.append((rows[lo][0], e))
                 else:
                     mid = (lo + hi) // 2
                     stack.append((mid, hi))
                     stack.append((lo, mid))
-        return written, statements, failed
+                continue
+            written += len(got)
+            if len(got) < len(part):
+                missing += [(row[0], row) for row in part if row[3] not in got]
+        return written, statements, failed, missing
 
     def _reject_row(
         self, records: list[Any], rejection: Rejection, problems: list[Problem]
@@ -801,6 +1043,18 @@ class Upserter:
             payload,
             is_repr,
         )
+
+
+def _array_literal(items: Sequence[str]) -> str:
+    """*items* as a PostgreSQL array literal (every element quoted, so no value needs
+    more than escaping its quotes and backslashes)."""
+    if not items:
+        return "{}"
+    parts = [
+        item.replace("\\", "\\\\").replace('"', '\\"') if '"' in item or "\\" in item else item
+        for item in items
+    ]
+    return '{"' + '","'.join(parts) + '"}'
 
 
 def _rejection(index: int, record: Any, problems: list[Problem]) -> tuple[Rejection, list[Problem]]:

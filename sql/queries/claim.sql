@@ -178,6 +178,29 @@ WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.status = 'claimed'
 RETURNING r.id, r.lease_until;
 
+-- name: extend_settling
+-- The worker's "now writing" mark, sent in the same round trip as the write (its own
+-- short transaction, committed first, so a lease that runs out during the write is a
+-- slow write, not a crash): push the lease and set settling on every row of the batch,
+-- all or nothing in one statement, so a pipelined caller that cannot roll back after
+-- the fact never marks part of a batch. Rows by primary key, locked in id order.
+WITH held AS MATERIALIZED (
+    SELECT h.id
+    FROM results AS h
+    WHERE h.id = ANY (%(ids)s::bigint[])
+      AND h.claim_token = %(token)s
+      AND h.claim_id = %(claim_id)s
+      AND h.status = 'claimed'
+    ORDER BY h.id
+    FOR NO KEY UPDATE
+)
+UPDATE results AS r
+SET lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
+    settling = true
+WHERE r.id IN (SELECT h.id FROM held AS h)
+  AND (SELECT count(*) FROM held) = cardinality(%(ids)s::bigint[])
+RETURNING r.id, r.lease_until;
+
 -- name: fail
 -- Record a failure on the rows of one claim in one statement (by primary key): to retry
 -- after a backoff (zen_retry_delay_v1: exponential, capped, jittered, from zen_settings)

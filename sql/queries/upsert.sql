@@ -2,95 +2,91 @@
 -- zenpipe.upsert.SCALAR_COLUMNS, which is also the slot order of zen_contacts.observed_us;
 -- tests/test_upsert.py checks that this file and the Python list agree.
 
--- name: create_stage
--- Transaction-scoped staging table for one binary COPY per batch: no WAL, no index, no
--- constraint, so COPY runs at full speed, and ON COMMIT DROP works behind PgBouncer in
--- transaction mode. ord is the writer's sort order (partition, key, link); round
--- separates repeated links so that no statement touches a key twice. observed_us is
--- NULL for a record without observed_at: the merge then takes the database clock.
-CREATE TEMP TABLE zen_upsert_stage (
-    ord                 integer NOT NULL,
-    round               integer NOT NULL,
-    partition_key       integer NOT NULL,
-    source_link         text    NOT NULL,
-    observed_us         bigint,
-    source_id                 bigint,
-    business_name             text,
-    business_category         text,
-    website                   text,
-    website_domain            text,
-    description               text,
-    price_level               smallint,
-    business_status           text,
-    country_code              text,
-    region                    text,
-    city                      text,
-    district                  text,
-    address                   text,
-    postal_code               text,
-    latitude                  double precision,
-    longitude                 double precision,
-    timezone                  text,
-    plus_code                 text,
-    place_id                  text,
-    google_cid                text,
-    maps_url                  text,
-    rating                    double precision,
-    reviews_count             integer,
-    maps_phone                text,
-    opening_hours             jsonb,
-    photos_count              integer,
-    is_claimed                boolean,
-    emails_validated          jsonb,
-    primary_email             text,
-    whatsapp_validated        jsonb,
-    facebook_url              text,
-    instagram_url             text,
-    linkedin_url              text,
-    twitter_url               text,
-    youtube_url               text,
-    tiktok_url                text,
-    website_title             text,
-    website_status_code       smallint,
-    website_language          text,
-    contact_page_url          text,
-    pages_crawled             integer,
-    scrape_status             text,
-    scrape_error              text,
-    last_scrape_server        text,
-    emails              text[]  NOT NULL,
-    phones              text[]  NOT NULL,
-    whatsapp            text[]  NOT NULL
-) ON COMMIT DROP;
+-- name: begin_write
+-- First statement of a write, one round trip per batch (not per row, not per chunk):
+-- (1) for a plain upsert(), its idempotency key: inserted, or found when an earlier
+--     attempt of the same call committed (its acknowledgement was lost: the caller then
+--     writes nothing), or waited for while that attempt's transaction is in doubt (the
+--     unique index entry is held until it ends). NULL key: no insert (upsert_and_complete
+--     and conn= calls);
+-- (2) which distinct source_ids of the batch have no results row: those records are
+--     rejected before the merge, whatever the order they arrive in (the foreign key would
+--     only refuse a source_id that wins its column's merge). Primary-key lookups;
+--     a results row deleted between this check and the merge still meets the foreign
+--     key (bisected out, db_foreign_key_violation);
+-- (3) which records' explicit observation times are more than %(max_future)s us ahead of
+--     the database clock: the authoritative future guard (the writer's own check uses
+--     its own clock, which may be skewed).
+WITH new_key AS (
+    INSERT INTO zen_upsert_keys (key)
+    SELECT k FROM (SELECT %(key)s::uuid) AS x (k) WHERE k IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+)
+SELECT
+    (SELECT count(*) FROM new_key) AS key_inserted,
+    ARRAY(SELECT b.id
+          FROM unnest(%(source_ids)s::bigint[]) AS b (id)
+          WHERE NOT EXISTS (SELECT 1 FROM results AS r WHERE r.id = b.id)
+          ORDER BY b.id) AS unknown_source_ids,
+    ARRAY(SELECT o.i
+          FROM unnest(%(obs_index)s::integer[], %(obs_us)s::bigint[]) AS o (i, us)
+          WHERE o.us > zen_clock_us_v1() + %(max_future)s
+          ORDER BY o.i) AS in_future;
 
--- name: drop_stage
--- Dropped at the end of each call too, so a caller's transaction can hold several batches.
-DROP TABLE zen_upsert_stage;
+-- name: batch_done
+-- Only on a retry of upsert_and_complete: when the previous attempt lost its connection
+-- during COMMIT, the commit may have landed, or may still be in progress (waiting for a
+-- synchronous standby): that transaction then still holds these rows' locks. Lock the
+-- rows by primary key first, in id order (FOR NO KEY UPDATE: the lock complete() takes;
+-- it does not block foreign key checks), so an in-doubt transaction is waited out; the
+-- locked rows are the latest committed versions (READ COMMITTED re-reads a row it waited
+-- for). The claim's rows done under this batch's token and claim_id prove the commit
+-- landed (the claim_id is unique per claim even where tokens repeat: docs/claiming.md),
+-- and the retry must then not write again (scrape_count would count the batch twice).
+WITH locked AS MATERIALIZED (
+    SELECT r.id, r.claim_token, r.claim_id, r.status
+    FROM results AS r
+    WHERE r.id = ANY (%(ids)s::bigint[])
+    ORDER BY r.id
+    FOR NO KEY UPDATE
+)
+SELECT count(*)
+FROM locked AS l
+JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(claim_ids)s::uuid[])
+     AS b (id, token, claim_id)
+  ON l.id = b.id AND l.claim_token = b.token AND l.claim_id = b.claim_id
+WHERE l.status = 'done';
 
--- name: copy_stage
-COPY zen_upsert_stage (ord, round, partition_key, source_link, observed_us,
-    source_id, business_name, business_category, website, website_domain, description,
-    price_level, business_status, country_code, region, city, district, address,
-    postal_code, latitude, longitude, timezone, plus_code, place_id, google_cid,
-    maps_url, rating, reviews_count, maps_phone, opening_hours, photos_count,
-    is_claimed, emails_validated, primary_email, whatsapp_validated, facebook_url,
-    instagram_url, linkedin_url, twitter_url, youtube_url, tiktok_url, website_title,
-    website_status_code, website_language, contact_page_url, pages_crawled,
-    scrape_status, scrape_error, last_scrape_server,
-    emails, phones, whatsapp) FROM STDIN (FORMAT BINARY);
+-- name: prune_upsert_keys
+-- Bounded delete of idempotency keys older than any retry can be: at most %(limit)s
+-- rows per statement, found by the committed_at index, so a large backlog never holds
+-- many row locks or one long transaction.
+DELETE FROM zen_upsert_keys
+WHERE key IN (SELECT k.key
+              FROM zen_upsert_keys AS k
+              WHERE k.committed_at < now() - %(older_than)s::interval
+              ORDER BY k.committed_at
+              LIMIT %(limit)s
+              FOR UPDATE SKIP LOCKED);
 
--- name: merge_round
--- One statement per round (almost always one per batch). Rows enter in ord order, the
--- same total order in every writer, so two writers never lock keys in opposite orders
--- (no deadlock). ord BETWEEN lets the bisection retry a slice inside a savepoint. The
--- conflict target is the table's unique (source_link, partition_key); the DO UPDATE SET
--- uses only IMMUTABLE subquery-free functions and EXCLUDED (Citus), never touches the
--- distribution column, and sets updated_at itself (no trigger needed: its WHEN skips).
--- Each observation slot holds the record's time for the columns it carries, NULL for the
--- others; zen_pick_v1 keeps the newest observation per column, greatest() merges slots.
--- A record without observed_at is observed at the database clock (zen_clock_us_v1, in
--- the inserted values, where Citus allows a non-IMMUTABLE function), never at the
--- writer's: a server whose clock runs fast must not win every column.
+-- name: merge_rows
+-- The merge of one round, staged as bound arrays (one per column, unnest()ed in
+-- parallel) instead of a temporary table: no CREATE/COPY/DROP per batch (about 160
+-- catalog rows churned per batch, and every merge planned afresh against a new table),
+-- and on a direct connection one prepared plan for every batch. emails, phones and
+-- whatsapp come as array literals, one per row (arrays of arrays must be rectangular).
+-- Rows enter in ord order, the same total order in every writer, so two writers never
+-- lock keys in opposite orders (no deadlock); the bisection binds a slice of the
+-- arrays inside a savepoint. The conflict target is the table's unique (source_link,
+-- partition_key); DO UPDATE SET uses only IMMUTABLE subquery-free functions and
+-- EXCLUDED (Citus), never touches the distribution column, and sets updated_at itself.
+-- Each observation slot holds the record's time for the columns it carries, NULL for
+-- the others; zen_pick_v1 keeps the newest observation per column. A record without
+-- observed_at is observed at the database clock (zen_clock_us_v1, in the inserted
+-- values, where Citus allows a non-IMMUTABLE function), never at the writer's.
+-- RETURNING the links merged: a link of the round that is missing was left out by the
+-- source_id / future checks above (links are unique within a round).
 INSERT INTO zen_contacts AS c (
     partition_key, source_link,
     source_id, business_name, business_category, website, website_domain, description,
@@ -115,7 +111,7 @@ SELECT
     s.linkedin_url, s.twitter_url, s.youtube_url, s.tiktok_url,
     s.website_title, s.website_status_code, s.website_language, s.contact_page_url,
     s.pages_crawled, coalesce(s.scrape_status, 'pending'), s.scrape_error, s.last_scrape_server,
-    s.emails, s.phones, s.whatsapp,
+    s.emails::text[], s.phones::text[], s.whatsapp::text[],
     ARRAY[
         CASE WHEN s.source_id IS NULL THEN NULL ELSE s.us END,  -- 1
         CASE WHEN s.business_name IS NULL THEN NULL ELSE s.us END,  -- 2
@@ -165,9 +161,65 @@ SELECT
     timestamptz 'epoch' + s.us * interval '1 microsecond',
     1,
     now()
-FROM (SELECT st.*, coalesce(st.observed_us, zen_clock_us_v1()) AS us
-      FROM zen_upsert_stage AS st
-      WHERE st.round = %(round)s AND st.ord BETWEEN %(lo)s AND %(hi)s) AS s
+FROM (SELECT u.*, coalesce(u.observed_us, zen_clock_us_v1()) AS us
+      FROM unnest(%(ord)s::integer[],
+             %(partition_key)s::integer[],
+             %(source_link)s::text[],
+             %(observed_us)s::bigint[],
+             %(source_id)s::bigint[],
+             %(business_name)s::text[],
+             %(business_category)s::text[],
+             %(website)s::text[],
+             %(website_domain)s::text[],
+             %(description)s::text[],
+             %(price_level)s::smallint[],
+             %(business_status)s::text[],
+             %(country_code)s::text[],
+             %(region)s::text[],
+             %(city)s::text[],
+             %(district)s::text[],
+             %(address)s::text[],
+             %(postal_code)s::text[],
+             %(latitude)s::double precision[],
+             %(longitude)s::double precision[],
+             %(timezone)s::text[],
+             %(plus_code)s::text[],
+             %(place_id)s::text[],
+             %(google_cid)s::text[],
+             %(maps_url)s::text[],
+             %(rating)s::double precision[],
+             %(reviews_count)s::integer[],
+             %(maps_phone)s::text[],
+             %(opening_hours)s::jsonb[],
+             %(photos_count)s::integer[],
+             %(is_claimed)s::boolean[],
+             %(emails_validated)s::jsonb[],
+             %(primary_email)s::text[],
+             %(whatsapp_validated)s::jsonb[],
+             %(facebook_url)s::text[],
+             %(instagram_url)s::text[],
+             %(linkedin_url)s::text[],
+             %(twitter_url)s::text[],
+             %(youtube_url)s::text[],
+             %(tiktok_url)s::text[],
+             %(website_title)s::text[],
+             %(website_status_code)s::smallint[],
+             %(website_language)s::text[],
+             %(contact_page_url)s::text[],
+             %(pages_crawled)s::integer[],
+             %(scrape_status)s::text[],
+             %(scrape_error)s::text[],
+             %(last_scrape_server)s::text[],
+             %(emails)s::text[],
+             %(phones)s::text[],
+             %(whatsapp)s::text[])
+           AS u (ord, partition_key, source_link, observed_us, source_id, business_name, business_category, website, website_domain, description, price_level, business_status, country_code, region, city, district, address, postal_code, latitude, longitude, timezone, plus_code, place_id, google_cid, maps_url, rating, reviews_count, maps_phone, opening_hours, photos_count, is_claimed, emails_validated, primary_email, whatsapp_validated, facebook_url, instagram_url, linkedin_url, twitter_url, youtube_url, tiktok_url, website_title, website_status_code, website_language, contact_page_url, pages_crawled, scrape_status, scrape_error, last_scrape_server, emails, phones, whatsapp)
+      WHERE -- refused whatever the merge order: a source_id without its results row (the
+        -- foreign key would only refuse one that wins its column's merge), an explicit
+        -- observation time too far ahead of the database clock (the authoritative
+        -- future guard). Left out here; the caller tells them by RETURNING.
+            (u.source_id IS NULL OR EXISTS (SELECT FROM results AS r WHERE r.id = u.source_id))
+        AND (u.observed_us IS NULL OR u.observed_us <= zen_clock_us_v1() + %(max_future)s)) AS s
 ORDER BY s.ord
 ON CONFLICT (source_link, partition_key) DO UPDATE SET
     source_id = zen_pick_v1(c.source_id, c.observed_us[1], EXCLUDED.source_id, EXCLUDED.observed_us[1]),
@@ -265,78 +317,39 @@ ON CONFLICT (source_link, partition_key) DO UPDATE SET
     ]::bigint[],
     observed_at = greatest(c.observed_at, EXCLUDED.observed_at),
     scrape_count = c.scrape_count + 1,
-    updated_at = EXCLUDED.updated_at;
+    updated_at = EXCLUDED.updated_at
+RETURNING c.source_link;
 
--- name: copy_rejects
--- One COPY for every reject of a batch, in the batch's transaction.
-COPY zen_rejects (server_id, row_index, source_link, field, reason, detail, problems,
-                  payload, payload_is_repr)
-FROM STDIN (FORMAT BINARY);
+-- name: insert_rejects
+-- The rejects of a batch as bound arrays, in the batch's transaction (COPY cannot run in
+-- a pipeline; rejects are few, so one INSERT of unnest()ed arrays costs nothing).
+INSERT INTO zen_rejects (server_id, row_index, source_link, field, reason, detail, problems,
+                         payload, payload_is_repr)
+SELECT %(server_id)s, u.row_index, u.source_link, u.field, u.reason, u.detail, u.problems,
+       u.payload, u.payload_is_repr
+FROM unnest(%(row_index)s::integer[], %(source_link)s::text[], %(field)s::text[],
+            %(reason)s::text[], %(detail)s::text[], %(problems)s::jsonb[],
+            %(payload)s::jsonb[], %(payload_is_repr)s::boolean[])
+     AS u (row_index, source_link, field, reason, detail, problems, payload, payload_is_repr);
 
--- name: begin_write
--- First statement of a write, one round trip per batch (not per row, not per chunk):
--- (1) for a plain upsert(), its idempotency key: inserted, or found when an earlier
---     attempt of the same call committed (its acknowledgement was lost: the caller then
---     writes nothing), or waited for while that attempt's transaction is in doubt (the
---     unique index entry is held until it ends). NULL key: no insert (upsert_and_complete
---     and conn= calls);
--- (2) which distinct source_ids of the batch have no results row: those records are
---     rejected before the merge, whatever the order they arrive in (the foreign key would
---     only refuse a source_id that wins its column's merge). Primary-key lookups;
---     a results row deleted between this check and the merge still meets the foreign
---     key (bisected out, db_foreign_key_violation);
--- (3) which records' explicit observation times are more than %(max_future)s us ahead of
---     the database clock: the authoritative future guard (the writer's own check uses
---     its own clock, which may be skewed).
-WITH new_key AS (
-    INSERT INTO zen_upsert_keys (key)
-    SELECT k FROM (SELECT %(key)s::uuid) AS x (k) WHERE k IS NOT NULL
-    ON CONFLICT (key) DO NOTHING
-    RETURNING 1
-)
-SELECT
-    (SELECT count(*) FROM new_key) AS key_inserted,
-    ARRAY(SELECT b.id
-          FROM unnest(%(source_ids)s::bigint[]) AS b (id)
-          WHERE NOT EXISTS (SELECT 1 FROM results AS r WHERE r.id = b.id)
-          ORDER BY b.id) AS unknown_source_ids,
-    ARRAY(SELECT o.i
-          FROM unnest(%(obs_index)s::integer[], %(obs_us)s::bigint[]) AS o (i, us)
-          WHERE o.us > zen_clock_us_v1() + %(max_future)s
-          ORDER BY o.i) AS in_future;
+-- name: begin
+-- The fast write's transactions are spelled out (autocommit connection in pipeline
+-- mode), so that the settling mark and the write share one round trip.
+BEGIN;
 
--- name: batch_done
--- Only on a retry of upsert_and_complete: when the previous attempt lost its connection
--- during COMMIT, the commit may have landed, or may still be in progress (waiting for a
--- synchronous standby): that transaction then still holds these rows' locks. Lock the
--- rows by primary key first, in id order (FOR NO KEY UPDATE: the lock complete() takes;
--- it does not block foreign key checks), so an in-doubt transaction is waited out; the
--- locked rows are the latest committed versions (READ COMMITTED re-reads a row it waited
--- for). The claim's rows done under this batch's token and claim_id prove the commit
--- landed (the claim_id is unique per claim even where tokens repeat: docs/claiming.md),
--- and the retry must then not write again (scrape_count would count the batch twice).
-WITH locked AS MATERIALIZED (
-    SELECT r.id, r.claim_token, r.claim_id, r.status
-    FROM results AS r
-    WHERE r.id = ANY (%(ids)s::bigint[])
-    ORDER BY r.id
-    FOR NO KEY UPDATE
-)
-SELECT count(*)
-FROM locked AS l
-JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(claim_ids)s::uuid[])
-     AS b (id, token, claim_id)
-  ON l.id = b.id AND l.claim_token = b.token AND l.claim_id = b.claim_id
-WHERE l.status = 'done';
+-- name: commit
+COMMIT;
 
--- name: prune_upsert_keys
--- Bounded delete of idempotency keys older than any retry can be: at most %(limit)s
--- rows per statement, found by the committed_at index, so a large backlog never holds
--- many row locks or one long transaction.
-DELETE FROM zen_upsert_keys
-WHERE key IN (SELECT k.key
-              FROM zen_upsert_keys AS k
-              WHERE k.committed_at < now() - %(older_than)s::interval
-              ORDER BY k.committed_at
-              LIMIT %(limit)s
-              FOR UPDATE SKIP LOCKED);
+-- name: rollback
+ROLLBACK;
+
+-- name: savepoint
+-- Around each merge of the careful path (a caller's transaction, a retry, a batch with a
+-- row PostgreSQL refuses): rolling back to it undoes one merge, and the bisection goes on.
+SAVEPOINT zen_merge;
+
+-- name: release
+RELEASE SAVEPOINT zen_merge;
+
+-- name: rollback_to
+ROLLBACK TO SAVEPOINT zen_merge;
