@@ -93,9 +93,10 @@ def test_chaos_run_counts_every_fault_kind_and_keeps_every_invariant() -> None:
     counts = report["faults"]
     assert all(counts[kind] > 0 for kind in KINDS), counts
     assert report["checks"]["rows_left"] == 0
-    assert (
-        report["checks"]["rows_parked_failed"] == report["data"]["poison"] + report["data"]["crash"]
-    )
+    # a good row can be parked by the faults (its lease ran out while claimed alone
+    # max_attempts times): the expected table then counts it parked, with no effect
+    parked = report["data"]["poison"] + report["data"]["crash"] + len(report["parked_by_faults"])
+    assert report["checks"]["rows_parked_failed"] == parked
 
 
 @pytest.mark.slow

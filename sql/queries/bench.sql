@@ -110,3 +110,10 @@ SELECT (SELECT count(*) FILTER (WHERE r.status = 'done') FROM results AS r)     
         FROM results AS r)                                                         AS left_over,
        (SELECT count(*) FROM zen_contacts)                                         AS contacts,
        (SELECT count(*) FROM zen_rejects)                                          AS rejects;
+
+-- name: parked_by_expiry
+-- Rows the claimer parked because their lease ran out while claimed alone at
+-- max_attempts (park_exhausted's reason, sql/queries/claim.sql).
+SELECT (r.data->>'n')::int
+FROM results AS r
+WHERE r.status = 'failed' AND r.last_error LIKE '%%lease expired%%';

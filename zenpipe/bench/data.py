@@ -291,8 +291,12 @@ def bad_link(row: SourceRow) -> str:
     return row.link
 
 
-def expect(dataset: Dataset) -> Expected:
-    """What the database must hold once every row of *dataset* is settled."""
+def expect(dataset: Dataset, parked: frozenset[int] = frozenset()) -> Expected:
+    """What the database must hold once every row of *dataset* is settled.
+
+    *parked*: numbers of rows the run's faults parked (their lease ran out while they
+    were claimed alone ``max_attempts`` times, docs/claiming.md): failed, no effect.
+    """
     status: dict[int, str] = {}
     contacts: dict[str, ExpectedContact] = {}
     rejects: Counter[tuple[str, str]] = Counter()
@@ -300,7 +304,7 @@ def expect(dataset: Dataset) -> Expected:
         d = row.data
         n = d["n"]
         kind = row.kind
-        if kind in ("poison", "crash"):
+        if kind in ("poison", "crash") or n in parked:
             status[n] = "failed"
             continue
         status[n] = "done"
