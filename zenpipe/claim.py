@@ -210,15 +210,23 @@ class Claimer:
             raise ValueError("limit must be at least 1")
         if conn is not None:
             _check_open(conn)
-            return self._claim_attempts(conn, n, savepoint=True)
+            return self._claim_in(conn, n)
         self._park_exhausted()
         return self._retrying(lambda c: self._claim_own(c, n))
 
     def _claim_own(self, conn: Conn, n: int) -> Batch:
-        # Its own transaction, managed by hand: a race is undone with a plain ROLLBACK
-        # (no savepoint round trips), a success committed at once.
+        # Its own transaction. On an idle (direct) connection the claim is one statement
+        # in autocommit: its own transaction, one round trip.  Behind PgBouncer the pool
+        # has opened the transaction already (with its timeouts): commit it.
+        if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+            conn.autocommit = True
+            try:
+                return self._claim_in(conn, n)
+            finally:
+                if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                    conn.autocommit = False
         try:
-            batch = self._claim_attempts(conn, n, savepoint=False)
+            batch = self._claim_in(conn, n)
             conn.commit()
         except BaseException:
             if not conn.closed:
@@ -226,78 +234,36 @@ class Claimer:
             raise
         return batch
 
-    def _claim_attempts(self, conn: Conn, n: int, *, savepoint: bool) -> Batch:
-        q = self._queries
-        for _ in range(self.retries + 5):
-            if savepoint:
-                conn.execute(q["savepoint"])
-            locked, contended, retry_in = self._lock(conn, n)
-            claimed: list[tuple[Any, ...]] = []
-            claim_id = uuid4()
-            if locked:
-                take = {
-                    "ids": locked,
-                    "owner": self.owner,
-                    "claim_id": claim_id,
-                    "size": len(locked),
-                    "lease": self.lease_seconds,
-                    "max_attempts": self.max_attempts,
-                }
-                cur = conn.cursor()
-                # orjson parses the rows' raw data several times faster than json.
-                set_json_loads(orjson.loads, cur)
-                claimed = cur.execute(q["claim_take"], take).fetchall()
-            if len(locked) == len(claimed):
-                if savepoint:
-                    conn.execute(q["release"])
-                return self._batch(claimed, claim_id, contended=contended, retry_in=retry_in)
-            # A locked row was claimed (or settled) by a transaction that committed after
-            # the lock statement's snapshot: drop every lock taken and look again.
-            self.race_rollbacks += 1
-            logger.debug("claim locked %d rows but took %d: retrying", len(locked), len(claimed))
-            if savepoint:
-                conn.execute(q["rollback_to"])
-                conn.execute(q["release"])
-            else:
-                conn.rollback()
-        logger.warning("claim kept racing with other claimers; returning an empty batch")
-        return self._batch([], uuid4(), contended=True, retry_in=None)
-
-    def _lock(self, conn: Conn, n: int) -> tuple[list[int], bool, float | None]:
-        """Lock up to *n* candidates, window after window; return (ids, contended,
-        seconds until the next retry is due).
-
-        A window whose candidates are all locked by other claimers is not the end of
-        the work: the next window starts after its last row (a keyset on the pending
-        index).  Expired rows come first, as a group of their own.
-        """
-        params: dict[str, Any] = {
-            "scan": n * self.scan_factor,
+    def _claim_in(self, conn: Conn, n: int) -> Batch:
+        """One `zen_claim_v1` call (query ``claim``): windows, lock, take and race
+        retries run in the server."""
+        claim_id = uuid4()
+        params = {
+            "owner": self.owner,
+            "claim_id": claim_id,
             "batch": n,
-            "namespace": NAMESPACE_CLAIM,
+            "scan": n * self.scan_factor,
+            "lease": self.lease_seconds,
             "max_attempts": self.max_attempts,
-            "source": "auto",
-            "after_priority": None,
-            "after_id": None,
+            "namespace": NAMESPACE_CLAIM,
+            "windows": self.scan_windows,
+            "tries": self.retries + 5,
         }
-        contended = False
-        for _ in range(self.scan_windows):
-            row = conn.execute(self._queries["claim_lock"], params).fetchone()
-            assert row is not None
-            ids, _group, expired, seen, last_priority, last_id, retry_in = row
-            if retry_in is not None:
-                retry_in = max(0.0, float(retry_in))
-            if ids or not seen:
-                return list(ids), contended, retry_in
-            contended = True  # candidates were there, every one locked by someone else
-            if expired:  # the expired rows are being taken: look at pending ones
-                params |= {"source": "pending", "after_priority": None, "after_id": None}
-            elif seen < params["scan"]:  # nothing behind this window
-                break
-            else:
-                params |= {"source": "pending", "after_priority": last_priority,
-                           "after_id": last_id}  # fmt: skip
-        return [], contended, retry_in
+        cur = conn.cursor()
+        # orjson parses the rows' raw data several times faster than json.
+        set_json_loads(orjson.loads, cur)
+        row = cur.execute(self._queries["claim"], params).fetchone()
+        assert row is not None
+        ids, tokens, attempts, links, data, priorities, leases, contended, retry_in, races = row
+        if races:
+            self.race_rollbacks += races
+            logger.debug("claim raced %d times with other claimers", races)
+        if not ids:
+            if contended and races:
+                logger.warning("claim kept racing with other claimers; returning an empty batch")
+            return self._batch([], claim_id, contended=bool(contended), retry_in=retry_in)
+        rows = list(zip(ids, tokens, attempts, links, data, priorities, leases, strict=True))
+        return self._batch(rows, claim_id, contended=False, retry_in=retry_in)
 
     def _park_exhausted(self) -> None:
         """Park rows whose lease expired while claimed alone ``max_attempts`` claims in,

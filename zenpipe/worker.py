@@ -343,8 +343,12 @@ class Worker:
         try:
             if keeper.lost:
                 raise StaleClaimError("extend", batch.ids)
-            self.claimer.extend(batch, settling=True)
-            written, rejected, failed = self._settle(batch, flight.done, flight.failures)
+            book = _Bookkeeping(self, flight)
+            if flight.failures or not flight.done:
+                self.claimer.extend(batch, settling=True)
+                written, rejected, failed = self._settle(batch, flight.done, flight.failures)
+            else:  # the common batch: mark, write, complete and book in one transaction
+                written, rejected, failed = self._settle(batch, flight.done, {}, book=book)
         except StaleClaimError:
             stats.stale_batches += 1
             logger.warning("a %d-row batch was taken over before it was written", len(batch))
@@ -370,14 +374,8 @@ class Worker:
             failed=failed,
             write_seconds=time.monotonic() - write_start,
         )
-        self._record(
-            claimed=len(flight.batch),
-            written=written,
-            rejected=rejected,
-            failed=failed,
-            emails=_count_emails(r for _, r in flight.done),
-            secs=time.monotonic() - flight.started,
-        )
+        if not book.committed:
+            self._record(**book.figures(written, rejected, failed))
 
     def _emit(self, flight: _Flight, outcome: Outcome, **figures: Any) -> None:
         if self.on_event is None:
@@ -495,9 +493,15 @@ class Worker:
         batch: Batch,
         done: list[tuple[Claim, Mapping[str, Any] | None]],
         failures: dict[str, list[Claim]],
+        *,
+        book: _Bookkeeping | None = None,
     ) -> tuple[int, int, int]:
         """Record the failures, then write the records and complete their rows in one
         transaction; return (written, rejected, failed).
+
+        With *book*, the batch is marked settling and its bookkeeping written in the
+        same round trips as the write (`Upserter.upsert_and_complete` with
+        ``settling`` and ``after``); *book* says whether the bookkeeping committed.
 
         `Claimer.fail` is idempotent under the claim, so a retried fail() whose first
         commit landed does not abandon the rest of the batch.
@@ -511,7 +515,13 @@ class Worker:
         records = [r for _, r in done if r is not None]
         ok = replace(batch, claims=tuple(c for c, _ in done))
         try:
-            report = self.upserter.upsert_and_complete(records, self.claimer, ok)
+            if book is None:
+                report = self.upserter.upsert_and_complete(records, self.claimer, ok)
+            else:
+                report = self.upserter.upsert_and_complete(
+                    records, self.claimer, ok, settling=True, after=book.write
+                )
+                book.committed = report.after_committed
         except StaleClaimError:
             raise
         except Exception as e:  # one record broke the write: isolate it, row by row
@@ -619,27 +629,41 @@ class Worker:
             else:
                 time.sleep(left)
 
-    def _record(
-        self, *, claimed: int, written: int, rejected: int, failed: int, emails: int, secs: float
-    ) -> None:
+    def _record(self, **figures: Any) -> None:
         # Bookkeeping only: a failure here must not undo the batch, which has committed.
         try:
             with self._pool.connection() as conn:
-                conn.execute(
-                    self._queries["record_batch"],
-                    {
-                        "server_id": self.server_id,
-                        "worker": self.claimer.owner,
-                        "claimed": claimed,
-                        "written": written,
-                        "rejected": rejected,
-                        "failed": failed,
-                        "emails": emails,
-                        "seconds": secs,
-                    },
-                )
+                conn.execute(self._queries["record_batch"], figures)
         except psycopg.Error as e:
             logger.warning("could not record batch statistics: %s", e)
+
+
+class _Bookkeeping:
+    """A batch's ``record_batch`` figures, written inside the batch's write transaction
+    (`Upserter.upsert_and_complete` ``after=``) when the write takes its fast path, so
+    the bookkeeping costs no round trip of its own; otherwise the worker records them
+    after the commit, in a statement of their own."""
+
+    def __init__(self, worker: Worker, flight: _Flight) -> None:
+        self._worker = worker
+        self._flight = flight
+        self.committed = False
+
+    def figures(self, written: int, rejected: int, failed: int) -> dict[str, Any]:
+        flight = self._flight
+        return {
+            "server_id": self._worker.server_id,
+            "worker": self._worker.claimer.owner,
+            "claimed": len(flight.batch),
+            "written": written,
+            "rejected": rejected,
+            "failed": failed,
+            "emails": _count_emails(r for _, r in flight.done),
+            "seconds": time.monotonic() - flight.started,
+        }
+
+    def write(self, conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
+        conn.execute(self._worker._queries["record_batch"], self.figures(written, rejected, 0))
 
 
 def _error_text(e: BaseException) -> str:

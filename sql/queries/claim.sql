@@ -1,7 +1,20 @@
 -- Statements of the claimer (zenpipe.claim). Parameters are named; every value is bound.
 
+-- name: claim
+-- A whole claim, one round trip: zen_claim_v1 (migration 0017) runs claim_lock, window
+-- after window, then claim_take, each with its own snapshot, and retries a raced attempt
+-- itself (rolled back to the block's savepoint, locks released). One row back: the
+-- claimed rows as arrays in priority-then-age order, whether an empty batch came back
+-- empty because every candidate was being taken (contended), when the next failed row
+-- is due, and how many attempts raced.
+SELECT z.o_ids, z.o_tokens, z.o_attempts, z.o_links, z.o_data, z.o_priorities, z.o_leases,
+       z.o_contended, z.o_retry_in, z.o_races
+FROM zen_claim_v1(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
+                  %(max_attempts)s, %(namespace)s, %(windows)s, %(tries)s) AS z;
+
 -- name: claim_lock
--- First statement of a claim (zenpipe.claim.Claimer.claim), one window of candidates:
+-- First statement of a claim (run by zen_claim_v1, which spells it with variables for
+-- parameters: keep the two the same), one window of candidates:
 --  * expired: claimed rows whose lease ran out (results_lease_idx range scan), unless
 --    exhausted (left for park_exhausted). Expired rows are claimed before pending ones
 --    and never mixed with them, in groups that shrink with their expiries: the whole
@@ -83,7 +96,7 @@ LEFT JOIN LATERAL (
 ) AS last ON true;
 
 -- name: claim_take
--- Second statement of a claim: take the locked rows that are still eligible, by primary
+-- Second statement of a claim (zen_claim_v1 runs it, spelled with variables): take the locked rows that are still eligible, by primary
 -- key, under one new fencing token and the claim's own random claim_id. Its snapshot
 -- is newer than every lock we hold, so a row another claim committed between the lock
 -- statement's snapshot and our lock is simply not eligible here (never reached through

@@ -1,0 +1,144 @@
+"""Round trips per batch (issue 10): counted from a libpq trace of every connection the
+worker uses, so that they cannot creep back; and the claim function's statements are the
+ones of sql/queries/claim.sql (whose plan test_claim.py pins)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from helpers import assert_no_leaks
+
+from zenpipe.claim import Claim
+from zenpipe.pool import ZenPool, guarded_pool
+from zenpipe.queries import load
+from zenpipe.worker import Worker
+
+#: The issue's budget per 100-row batch on a direct connection: claim, write and settle,
+#: bookkeeping folded in.
+MAX_ROUND_TRIPS = 6
+
+
+class TracedPool:
+    """Every connection of *pool* traced (libpq's own protocol trace) from its first
+    checkout on, each into a file of its own; `round_trips` counts the messages after
+    which the client waits for the server: a simple Query, or the Sync that closes an
+    extended-protocol batch (a pipeline's statements share one)."""
+
+    def __init__(self, pool: ZenPool, folder: Path) -> None:
+        self.pool = pool
+        self.folder = folder
+        self._files: dict[int, Any] = {}
+        self._getconn = pool.getconn
+        pool.getconn = self._traced_getconn  # type: ignore[method-assign]
+
+    def _traced_getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        conn = self._getconn(timeout)
+        if id(conn) not in self._files:
+            f = (self.folder / f"trace-{len(self._files)}.txt").open("w")
+            self._files[id(conn)] = f
+            conn.pgconn.trace(f.fileno())
+        return conn
+
+    def round_trips(self) -> int:
+        n = 0
+        for f in self._files.values():
+            f.flush()
+        for path in self.folder.glob("trace-*.txt"):
+            for line in path.read_text().splitlines():
+                fields = line.split("\t")
+                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in (
+                    "Query",
+                    "Sync",
+                ):
+                    n += 1
+        return n
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+def _noop(claim: Claim) -> dict[str, Any]:
+    return {"source_link": claim.link, "source_id": claim.id, "emails": [f"{claim.id}@x.com"]}
+
+
+def _fill(dsn: str, n: int) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO results (link, data) "
+            "SELECT 'https://rt/' || g, jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+            (n,),
+        )
+
+
+def _traced_worker(dsn: str, folder: Path) -> Iterator[tuple[Worker, TracedPool]]:
+    pool = guarded_pool(dsn, name="rt", min_size=1, max_size=3)
+    traced = TracedPool(pool, folder)
+    try:
+        with Worker(pool, _noop, server_id="rt", batch_size=100, pipeline=False) as w:
+            yield w, traced
+    finally:
+        traced.close()
+        pool.close()
+
+
+def test_a_100_row_batch_takes_at_most_six_round_trips(dsn: str) -> None:
+    """Claim (the pool's check + one call of zen_claim_v1) and the write (the check +
+    the settling mark, merge, completion and bookkeeping in one pipeline + COMMIT): 5 on
+    a direct connection.  Counted over 5 batches after a warm-up batch (whose connections
+    are first traced at their checkout)."""
+    batches = 5
+    _fill(dsn, 100 * (batches + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = _traced_worker(dsn, Path(tmp))
+        worker, traced = next(gen)
+        assert worker.run_once() == 100  # warm-up: opens and traces the connections
+        before = traced.round_trips()
+        for _ in range(batches):
+            assert worker.run_once() == 100
+        per_batch = (traced.round_trips() - before) / batches
+        gen.close()
+    print(f"round trips per batch: {per_batch}")
+    assert per_batch <= MAX_ROUND_TRIPS, per_batch
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'done'), count(*) FROM results"
+        ).fetchone()
+        jobs = conn.execute("SELECT count(*), sum(rows_written) FROM zen_jobs").fetchone()
+        contacts = conn.execute("SELECT count(*) FROM zen_contacts").fetchone()
+    assert row == (600, 600)
+    # the bookkeeping folded into the write transaction still lands, once per batch
+    assert jobs == (batches + 1, 600)
+    assert contacts == (600,)
+    assert_no_leaks(dsn)
+
+
+def _normalized(text: str) -> str:
+    text = re.sub(r"--[^\n]*", "", text)
+    return " ".join(text.split())
+
+
+def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
+    """zen_claim_v1 spells claim_lock with variables for parameters: the two agree, so
+    the plan test of claim_lock (test_claim.py) pins the function's first statement."""
+    lock = load("claim")["claim_lock"].as_string()
+    for param, var in (
+        ("%(source)s", "v_source"),
+        ("%(after_priority)s::integer", "v_after_priority"),
+        ("%(after_id)s::bigint", "v_after_id"),
+        ("%(max_attempts)s::integer", "p_max_attempts"),
+        ("%(batch)s::integer", "p_batch"),
+        ("%(scan)s", "p_scan"),
+        ("%(namespace)s", "p_namespace"),
+    ):
+        lock = lock.replace(param, var)
+    lock_ctes = _normalized(lock).split(" SELECT (SELECT coalesce")[0]
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v1'").fetchone()
+    assert row is not None
+    assert lock_ctes in _normalized(row[0])
