@@ -468,6 +468,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         restart_postgres=restart_pg,
         timeout=args.timeout,
         keep=args.keep,
+        compare=args.compare,
+        compare_seconds=args.compare_seconds,
+        broken_merge=args.broken_merge,
     )
     where = "your server, in a database of its own" if dsn else "a throwaway PostgreSQL"
     print(
@@ -488,7 +491,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``zenpipe bench``: the multi-server benchmark and chaos harness (docs/bench.md)."""
+    """``zenpipe bench``: the multi-server benchmark and chaos harness (docs/benchmarking.md)."""
     p = sub.add_parser(
         "bench",
         help="run servers x worker processes on generated scrapes, with faults; check "
@@ -499,11 +502,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "database (exit 1 naming any violated). Without --dsn it runs on a throwaway "
         "PostgreSQL; with --dsn or ZENPIPE_DSN it creates a database of its own, "
         "zenbench_<random>, on that server (the role needs CREATEDB) and drops it at the "
-        "end: nothing else is touched. See docs/bench.md.",
+        "end: nothing else is touched. See docs/benchmarking.md.",
     )
     p.add_argument("--dsn", help="a server to run on, in a database of its own (default: "
                    "$ZENPIPE_DSN, else a throwaway PostgreSQL)")  # fmt: skip
-    p.add_argument("--rows", type=int, default=30_000, help="source rows (default 30,000)")
+    p.add_argument("--rows", type=int, default=10_000, help="source rows (default 10,000)")
     p.add_argument("--servers", type=int, default=10, help="bench servers (default 10)")
     p.add_argument("--workers", type=int, default=6,
                    help="worker processes per server (default 6)")  # fmt: skip
@@ -541,6 +544,15 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--crash-rows", type=float, metavar="FRACTION",
                    help="rows whose enrichment SIGKILLs its process (parked alone)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many s")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the seed's advisory-lock loop and a FOR UPDATE SKIP LOCKED "
+                   "loop (servers x workers processes, per-row UPSERT) on the same data, "
+                   "each in a fresh database: ratios and their invariant violations")  # fmt: skip
+    p.add_argument("--compare-seconds", type=float, default=600.0,
+                   help="time cap of each --compare loop (default 600)")  # fmt: skip
+    # test-only: after the run, drop an item of every merged array (a writer that
+    # skipped the union): the invariant check must exit 1 naming arrays_are_unions
+    p.add_argument("--broken-merge", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="PNG of throughput, connections and faults (zenpipe[plot])")  # fmt: skip

@@ -117,3 +117,117 @@ SELECT (SELECT count(*) FILTER (WHERE r.status = 'done') FROM results AS r)     
 SELECT (r.data->>'n')::int
 FROM results AS r
 WHERE r.status = 'failed' AND r.last_error LIKE '%%lease expired%%';
+
+-- ---------------------------------------------------------------------------------------
+-- Baselines in the same run (zenpipe.bench.baselines): the physical reference and the
+-- two hand-written loops of `zenpipe bench --compare`, each in a fresh database.
+
+-- name: reference_copy_contacts
+-- The physical reference: the expected contacts COPYed into an empty zen_contacts, no
+-- merge, no validation (partition_key computed by zenpipe.keys.hashtext, checked by the
+-- table's CHECK): the least work any writer of these rows can do.
+COPY zen_contacts (source_link, partition_key, scrape_count, emails, phones,
+                   business_name, business_category, website, city, country_code,
+                   latitude, longitude, rating, reviews_count, is_claimed, maps_phone,
+                   scrape_status)
+FROM STDIN
+
+-- name: reference_mark_done
+-- The physical reference's settlement: one bulk UPDATE over every source row (a
+-- sequential scan; nothing narrower can be cheaper for all of them).
+UPDATE results SET status = 'done', done_at = now()
+
+-- name: seed_claim
+-- The audit's claim, as it recommended it: the advisory lock is tried on every row the
+-- scan visits (no fence before LIMIT, the shape the PostgreSQL manual warns about), and
+-- in autocommit it is released when the statement ends, while the rows stay 'pending':
+-- another worker can take them again (the seed's duplicates).
+SELECT r.id, r.link, r.data, r.attempts
+FROM results AS r
+WHERE r.status = 'pending' AND pg_try_advisory_xact_lock(r.id)
+LIMIT %(n)s
+
+-- name: skip_locked_claim
+-- The plain SKIP LOCKED claim over results_pending_idx (priority DESC, id); the lease
+-- is written in the same transaction and committed before enrichment starts, so no
+-- transaction stays open while a row is enriched.
+WITH picked AS (
+    SELECT r.id
+    FROM results AS r
+    WHERE r.status = 'pending'
+    ORDER BY r.priority DESC, r.id
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE results AS r
+SET status = 'claimed', claim_owner = %(owner)s, claim_token = 0,
+    lease_until = now() + make_interval(secs => %(lease)s), attempts = r.attempts + 1
+FROM picked
+WHERE r.id = picked.id
+RETURNING r.id, r.link, r.data, r.attempts - 1
+
+-- name: skip_locked_reclaim
+-- Leases that ran out (a baseline worker that died) go back to pending; run only when
+-- nothing is pending (results_lease_idx).
+UPDATE results SET status = 'pending', claim_owner = NULL, claim_token = NULL,
+                   lease_until = NULL
+WHERE status = 'claimed' AND lease_until < now()
+
+-- name: baseline_upsert_row
+-- The seed's writer: one INSERT ... ON CONFLICT per record, in its own transaction, no
+-- validation, no normalization; the merge is the audit's COALESCE (the newest write
+-- wins when it carries a value, whatever its observation time; a non-empty array
+-- replaces the stored one).
+INSERT INTO zen_contacts AS c (
+    source_link, partition_key, source_id, scrape_count, emails, phones,
+    business_name, business_category, website, city, country_code, latitude,
+    longitude, rating, reviews_count, is_claimed, maps_phone, scrape_status)
+VALUES (%(source_link)s, hashtext(%(source_link)s), %(source_id)s, 1, %(emails)s,
+        %(phones)s, %(business_name)s, %(business_category)s, %(website)s, %(city)s,
+        %(country_code)s, %(latitude)s, %(longitude)s, %(rating)s, %(reviews_count)s,
+        %(is_claimed)s, %(maps_phone)s, coalesce(%(scrape_status)s, 'pending'))
+ON CONFLICT (source_link, partition_key) DO UPDATE SET
+    scrape_count = c.scrape_count + 1,
+    emails = coalesce(nullif(EXCLUDED.emails, '{}'), c.emails),
+    phones = coalesce(nullif(EXCLUDED.phones, '{}'), c.phones),
+    business_name = coalesce(EXCLUDED.business_name, c.business_name),
+    business_category = coalesce(EXCLUDED.business_category, c.business_category),
+    website = coalesce(EXCLUDED.website, c.website),
+    city = coalesce(EXCLUDED.city, c.city),
+    country_code = coalesce(EXCLUDED.country_code, c.country_code),
+    latitude = coalesce(EXCLUDED.latitude, c.latitude),
+    longitude = coalesce(EXCLUDED.longitude, c.longitude),
+    rating = coalesce(EXCLUDED.rating, c.rating),
+    reviews_count = coalesce(EXCLUDED.reviews_count, c.reviews_count),
+    is_claimed = coalesce(EXCLUDED.is_claimed, c.is_claimed),
+    maps_phone = coalesce(EXCLUDED.maps_phone, c.maps_phone),
+    scrape_status = coalesce(%(scrape_status)s, c.scrape_status)
+
+-- name: baseline_done
+-- Settle one enriched row (primary key).
+UPDATE results SET status = 'done', done_at = now(), claim_owner = NULL,
+                   lease_until = NULL
+WHERE id = %(id)s
+
+-- name: baseline_fail
+-- A row whose enrichment failed: back to pending for a transient failure, parked as
+-- failed with the error otherwise (primary key).
+UPDATE results SET status = %(status)s, last_error = %(error)s, claim_owner = NULL,
+                   claim_token = NULL, lease_until = NULL,
+                   attempts = attempts + %(bump)s::int
+WHERE id = %(id)s
+
+-- name: baseline_left
+-- Rows not settled yet (the loops stop when none is left).
+SELECT count(*) FROM results WHERE status IN ('pending', 'claimed')
+
+-- name: analyze_results
+-- Statistics for the freshly loaded rows, so every baseline starts from the same plans.
+VACUUM ANALYZE results
+
+-- name: broken_merge
+-- Test-only (--broken-merge): what a writer that skipped the union would leave, the
+-- last item of every array that has more than one dropped.
+UPDATE zen_contacts
+SET emails = emails[1:cardinality(emails) - 1]
+WHERE cardinality(emails) > 1

@@ -125,7 +125,28 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
          f"{parts['min_rows']}-{parts['max_rows']} over {parts['used']} partitions"),
         ("peak RSS per worker", f"max {rss['max']} MiB, median {rss['median']} MiB"),
         ("faults", faults),
+        *_baseline_rows(report),
     ]  # fmt: skip
+
+
+def _baseline_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The physical reference and the --compare loops: zenpipe's speed as a ratio to
+    each, and the loops' invariant violations."""
+    out: list[tuple[str, str]] = []
+    ref = report.get("physical_reference")
+    if ref:
+        out.append(("physical reference",
+                    f"{ref['rows_per_s']:,} rows/s (COPY {ref['contacts']:,} contacts + one "
+                    f"UPDATE, {ref['seconds']} s); zenpipe {ref['zenpipe_ratio']}x"))  # fmt: skip
+    for b in report.get("baselines", []):
+        broken = ", ".join(f"{v['name']} {v['count']}" for v in b["violations"]) or "none"
+        done = "" if b["complete"] else f", capped: {b['rows_settled']:,} rows settled"
+        out.append((f"baseline {b['method']}",
+                    f"{b['rows_per_s']:,} rows/s ({b['seconds']} s{done}); zenpipe "
+                    f"{b['zenpipe_ratio']}x; written twice {b['rows_written_more_than_once']}, "
+                    f"out of shared memory {b['out_of_shared_memory']}, write errors "
+                    f"{b['write_errors']}; violations: {broken}"))  # fmt: skip
+    return out
 
 
 def render(report: dict[str, Any], out: TextIO | None = None) -> None:

@@ -56,7 +56,7 @@ _PER_PROCESS = 4
 class BenchConfig:
     """Everything a run needs; the CLI's options one to one."""
 
-    rows: int = 30_000
+    rows: int = 10_000
     servers: int = 10
     workers: int = 6
     batch: int = 100
@@ -74,6 +74,15 @@ class BenchConfig:
     timeout: float = 900.0
     grace: float = 5.0
     keep: bool = False
+    #: run the seed and SKIP LOCKED loops too (`zenpipe.bench.baselines.compare`)
+    compare: bool = False
+    #: time cap of each --compare loop (seconds)
+    compare_seconds: float = 600.0
+    #: the physical reference (`zenpipe.bench.baselines.physical_reference`)
+    reference: bool = True
+    #: test-only: drop an item of every merged array after the run (a writer that
+    #: skipped the union); the invariant check must catch it
+    broken_merge: bool = False
 
     @property
     def proxied(self) -> bool:
@@ -159,9 +168,9 @@ def _dbname(conninfo: str) -> str:
 @contextlib.contextmanager
 def _database(
     dsn: str | None, config: BenchConfig
-) -> Iterator[tuple[str, ThrowawayPostgres | None]]:
+) -> Iterator[tuple[str, ThrowawayPostgres | None, str]]:
     """A database of the run's own (and the throwaway server it lives on); dropped at
-    the end.  Yields its DSN."""
+    the end.  Yields its DSN, the server and the server's admin DSN."""
     name = f"zenbench_{secrets.token_hex(4)}"
     q = load("bench")
     server: ThrowawayPostgres | None = None
@@ -176,7 +185,7 @@ def _database(
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(q["create_database"].format(name=sql.Identifier(name)))
         try:
-            yield make_conninfo(admin, dbname=name), server
+            yield make_conninfo(admin, dbname=name), server, admin
         finally:
             if not config.keep:
                 with psycopg.connect(admin, autocommit=True) as conn:
@@ -254,12 +263,15 @@ def run(
     events_dir = os.path.join(folder, "events")
     os.mkdir(events_dir)
     try:
-        with _database(dsn, config) as (bench_dsn, server):
+        if config.broken_merge and corrupt is None:
+            corrupt = _break_merge
+        with _database(dsn, config) as (bench_dsn, server, admin):
             result = _run_on(
                 config=config, bench_dsn=bench_dsn, pg=server, dataset=dataset,
                 expected=expected, events_dir=events_dir, folder=folder,
                 on_progress=on_progress, corrupt=corrupt,
             )  # fmt: skip
+            _baselines(config, admin, dataset, expected, result.report)
     finally:
         if not config.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -517,6 +529,35 @@ def _run_on(
             "expected_rejects": sum(expected.rejects.values()),
         }
     return BenchResult(report, violations)
+
+
+def _break_merge(dsn: str) -> None:
+    """``--broken-merge`` (tests): leave what a writer that skipped the union would."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(load("bench")["broken_merge"])
+
+
+def _baselines(config: BenchConfig, admin: str, dataset: bench_data.Dataset,
+               expected: bench_data.Expected, report: dict[str, Any]) -> None:  # fmt: skip
+    """The physical reference and (--compare) the baseline loops, on the same server
+    after the fleet's run, each in a fresh database; their figures and zenpipe's ratio
+    to each go into *report*."""
+    from . import baselines  # noqa: PLC0415  (imports run's neighbours only when used)
+
+    rate = report.get("rows_per_s") or 0.0
+    if config.reference:
+        ref = baselines.physical_reference(admin, dataset, expected)
+        ref["zenpipe_ratio"] = round(rate / ref["rows_per_s"], 3) if ref["rows_per_s"] else None
+        report["physical_reference"] = ref
+    if config.compare:
+        found = baselines.compare(
+            admin, dataset, expected, processes=config.servers * config.workers,
+            batch=config.batch, lease=config.lease, latency=config.latency,
+            cap=config.compare_seconds,
+        )  # fmt: skip
+        for b in found:
+            b["zenpipe_ratio"] = round(rate / b["rows_per_s"], 2) if b["rows_per_s"] else None
+        report["baselines"] = found
 
 
 def _fired(proxy: CommitProxy | None) -> int:
