@@ -409,6 +409,19 @@ class Claimer:
             return
 
         def own(c: Conn) -> None:
+            if (
+                operation == "complete"
+                and len(groups) == 1
+                and c.info.transaction_status == pq.TransactionStatus.IDLE
+            ):  # direct: one all-or-nothing statement in autocommit, one round trip
+                c.autocommit = True
+                try:
+                    rows = c.execute(self._queries["complete_own"], groups[0]).fetchall()
+                finally:
+                    if not c.closed and c.info.transaction_status == pq.TransactionStatus.IDLE:
+                        c.autocommit = False
+                _check_all(claims, rows, operation)
+                return
             with c.transaction():
                 rows = [r for g in groups for r in c.execute(query, g)]
                 _check_all(claims, rows, operation)

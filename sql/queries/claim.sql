@@ -176,6 +176,37 @@ WHERE r.id = ANY (%(ids)s::bigint[])
   AND r.status IN ('claimed', 'done')
 RETURNING r.id;
 
+-- name: complete_own
+-- complete, all or nothing in one statement, for a completion in its own transaction on
+-- a direct connection (one round trip in autocommit instead of BEGIN, UPDATE, COMMIT):
+-- the rows of the claim are locked in id order first, and nothing is updated unless
+-- every row of the batch is still held (claimed under our claim, or done under it: a
+-- retry after a lost acknowledgement).
+WITH held AS MATERIALIZED (
+    SELECT h.id
+    FROM results AS h
+    WHERE h.id = ANY (%(ids)s::bigint[])
+      AND h.claim_token = %(token)s
+      AND h.claim_id = %(claim_id)s
+      AND h.status IN ('claimed', 'done')
+    ORDER BY h.id
+    FOR NO KEY UPDATE
+),
+done AS (
+    UPDATE results AS r
+    SET status = 'done',
+        done_at = coalesce(r.done_at, statement_timestamp()),
+        lease_until = NULL,
+        settling = false,
+        last_error = NULL
+    WHERE r.id IN (SELECT h.id FROM held AS h)
+      AND (SELECT count(*) FROM held) = cardinality(%(ids)s::bigint[])
+    RETURNING r.id
+)
+-- the rows still held (the caller names the others in StaleClaimError), and how many
+-- were completed (all of them, or none)
+SELECT h.id, (SELECT count(*) FROM done) AS completed FROM held AS h;
+
 -- name: extend
 -- Heartbeat: push the lease of every row of a batch in one statement (by primary key),
 -- only where our claim still holds the row. The new deadline is computed by the server
