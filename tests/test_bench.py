@@ -21,7 +21,7 @@ from zenpipe.embedded import ThrowawayPostgres
 from zenpipe.locks import NAMESPACE_CLAIM
 from zenpipe.validate import validate_record
 
-SMALL = {"rows": 1500, "servers": 2, "workers": 2}
+SMALL: dict[str, Any] = {"rows": 1500, "servers": 2, "workers": 2}
 
 
 def _databases(server: ThrowawayPostgres) -> set[str]:
@@ -80,8 +80,12 @@ def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_chaos_run_counts_every_fault_kind_and_keeps_every_invariant() -> None:
+    """The CI configuration of issue 11: 2 servers x 2 workers, 5,000 rows, every fault
+    kind on, every invariant holding."""
     config = BenchConfig(
-        **SMALL,
+        rows=5000,
+        servers=2,
+        workers=2,
         rates=dict.fromkeys(RATE_KINDS, 0.15),
         restart_postgres=True,
         crash_rate=0.001,
@@ -156,3 +160,38 @@ def test_invariant_checker_names_each_corruption(pg_server: ThrowawayPostgres) -
     render(result.report, out)  # type: ignore[arg-type]
     assert "VIOLATED no_effect_applied_twice" in out.text
     assert "invariants: VIOLATED" in out.text
+
+
+@pytest.mark.slow
+def test_broken_merge_is_caught_and_named(pg_server: ThrowawayPostgres) -> None:
+    """A writer that skips the union (``--broken-merge``: an item of every merged array
+    dropped after the run) makes the command exit 1 naming arrays_are_unions."""
+    done = subprocess.run(
+        [sys.executable, "-m", "zenpipe", "bench", "--dsn", pg_server.dsn, "--rows", "1500",
+         "--servers", "2", "--workers", "2", "--quiet", "--broken-merge"],
+        check=False, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    assert "VIOLATED arrays_are_unions" in done.stdout
+    assert "invariants: VIOLATED" in done.stdout
+
+
+@pytest.mark.slow
+def test_compare_reports_ratios_and_the_seed_patterns_violations(
+    pg_server: ThrowawayPostgres,
+) -> None:
+    """--compare: both baselines run on the same data, zenpipe's speed is a ratio to
+    each and to the physical reference, the seed's per-row writer breaks invariants
+    that zenpipe keeps (its rows written twice among them)."""
+    result = run(BenchConfig(**SMALL, compare=True, compare_seconds=200), dsn=pg_server.dsn)
+    report = result.report
+    assert result.ok, report["violations"]
+    ref = report["physical_reference"]
+    assert ref["contacts"] == report["checks"]["expected_contacts"]
+    assert ref["rows_per_s"] > 0 and ref["zenpipe_ratio"] > 0
+    by = {b["method"]: b for b in report["baselines"]}
+    assert set(by) == {"seed", "skip_locked"}
+    for b in by.values():
+        assert b["rows_per_s"] > 0 and b["zenpipe_ratio"] > 0 and not b["crashed"]
+    seed_broken = {v["name"] for v in by["seed"]["violations"]}
+    assert {"no_effect_applied_twice", "rejects_exactly_once"} <= seed_broken
