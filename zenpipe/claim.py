@@ -210,7 +210,7 @@ class Claimer:
             raise ValueError("limit must be at least 1")
         if conn is not None:
             _check_open(conn)
-            return self._claim_in(conn, n)
+            return self._claim_in(conn, n, exact=True)
         self._park_exhausted()
         return self._retrying(lambda c: self._claim_own(c, n))
 
@@ -221,12 +221,12 @@ class Claimer:
         if conn.info.transaction_status == pq.TransactionStatus.IDLE:
             conn.autocommit = True
             try:
-                return self._claim_in(conn, n)
+                return self._claim_in(conn, n, exact=False)
             finally:
                 if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                     conn.autocommit = False
         try:
-            batch = self._claim_in(conn, n)
+            batch = self._claim_in(conn, n, exact=False)
             conn.commit()
         except BaseException:
             if not conn.closed:
@@ -234,9 +234,12 @@ class Claimer:
             raise
         return batch
 
-    def _claim_in(self, conn: Conn, n: int) -> Batch:
+    def _claim_in(self, conn: Conn, n: int, *, exact: bool) -> Batch:
         """One `zen_claim_v1` call (query ``claim``): windows, lock, take and race
-        retries run in the server."""
+        retries run in the server.  *exact*: the transaction stays open after the call
+        (a caller's), so a raced attempt is redone until it holds no lock beyond its
+        rows; otherwise a raced attempt keeps the rows it took (the commit that follows
+        releases every lock)."""
         claim_id = uuid4()
         params = {
             "owner": self.owner,
@@ -248,6 +251,7 @@ class Claimer:
             "namespace": NAMESPACE_CLAIM,
             "windows": self.scan_windows,
             "tries": self.retries + 5,
+            "exact": exact,
         }
         cur = conn.cursor()
         # orjson parses the rows' raw data several times faster than json.

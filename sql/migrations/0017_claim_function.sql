@@ -12,7 +12,11 @@
 -- the attempt is rolled back to the block's implicit savepoint, which releases its
 -- advisory locks and undoes its take, and the claim starts again: a claim never holds
 -- more locks than rows it returns. Runs inside a caller's transaction as well (no
--- savepoint of the caller's is needed).
+-- savepoint of the caller's is needed). With p_exact false (a claim in its own
+-- transaction, which commits as soon as the function returns, so no lock outlives the
+-- call) a raced attempt that still took rows keeps them instead: the rows it missed were
+-- taken by the other claim, and redoing the attempt would only add dead row versions.
+-- An attempt that took nothing is retried either way.
 --
 -- Citus: results is a coordinator-local table and the advisory locks must be taken on
 -- the coordinator: claims connect there, and the function never touches zen_contacts.
@@ -30,6 +34,7 @@ CREATE FUNCTION zen_claim_v1(
     p_namespace integer,
     p_windows integer,
     p_tries integer,
+    p_exact boolean,
     OUT o_ids bigint[],
     OUT o_tokens bigint[],
     OUT o_attempts integer[],
@@ -180,7 +185,8 @@ BEGIN
                    array_agg(t.lease_until ORDER BY t.priority DESC, t.id)
             INTO o_ids, o_tokens, o_attempts, o_links, o_data, o_priorities, o_leases
             FROM took AS t;
-            IF coalesce(cardinality(o_ids), 0) = cardinality(v_locked) THEN
+            IF coalesce(cardinality(o_ids), 0) = cardinality(v_locked)
+               OR (NOT p_exact AND o_ids IS NOT NULL) THEN
                 o_contended := false;
                 RETURN;
             END IF;

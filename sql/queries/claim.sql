@@ -6,11 +6,14 @@
 -- itself (rolled back to the block's savepoint, locks released). One row back: the
 -- claimed rows as arrays in priority-then-age order, whether an empty batch came back
 -- empty because every candidate was being taken (contended), when the next failed row
--- is due, and how many attempts raced.
+-- is due, and how many attempts raced. %(exact)s: inside a caller's transaction, never
+-- return with more locks than rows (retry a raced attempt); in its own transaction a
+-- raced attempt keeps the rows it took (the commit right after releases every lock).
 SELECT z.o_ids, z.o_tokens, z.o_attempts, z.o_links, z.o_data, z.o_priorities, z.o_leases,
        z.o_contended, z.o_retry_in, z.o_races
 FROM zen_claim_v1(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
-                  %(max_attempts)s, %(namespace)s, %(windows)s, %(tries)s) AS z;
+                  %(max_attempts)s, %(namespace)s, %(windows)s, %(tries)s,
+                  %(exact)s) AS z;
 
 -- name: claim_lock
 -- First statement of a claim (run by zen_claim_v1, which spells it with variables for
