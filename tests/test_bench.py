@@ -81,12 +81,15 @@ def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
 @pytest.mark.timeout(900)
 def test_chaos_run_counts_every_fault_kind_and_keeps_every_invariant() -> None:
     """The CI configuration of issue 11: 2 servers x 2 workers, 5,000 rows, every fault
-    kind on, every invariant holding."""
+    kind on, every invariant holding.  The rates are per second and the first fault of
+    each kind comes early (`zenpipe.bench.faults.Schedule`); 0.05/s leaves two servers
+    time to start between whole-server kills on a loaded 2-core machine (at 0.15/s a
+    restarted server was killed again before its workers had started)."""
     config = BenchConfig(
         rows=5000,
         servers=2,
         workers=2,
-        rates=dict.fromkeys(RATE_KINDS, 0.15),
+        rates=dict.fromkeys(RATE_KINDS, 0.05),
         restart_postgres=True,
         crash_rate=0.001,
         timeout=800,
