@@ -51,9 +51,14 @@ class TracedPool:
         for path in self.folder.glob("trace-*.txt"):
             for line in path.read_text().splitlines():
                 fields = line.split("\t")
-                if len(fields) >= 4 and fields[1] == "F" and fields[3].split(" ")[0] in (
-                    "Query",
-                    "Sync",
+                if (
+                    len(fields) >= 4
+                    and fields[1] == "F"
+                    and fields[3].split(" ")[0]
+                    in (
+                        "Query",
+                        "Sync",
+                    )
                 ):
                     n += 1
         return n

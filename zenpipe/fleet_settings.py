@@ -63,8 +63,7 @@ def update_fleet_settings(
             row = conn.execute(load("fleet_settings")["update"], params).fetchone()
     except psycopg.errors.CheckViolation as e:
         raise ConfigError(
-            f"zen_settings refused the change ({e.diag.constraint_name}): "
-            f"{e.diag.message_primary}"
+            f"zen_settings refused the change ({e.diag.constraint_name}): {e.diag.message_primary}"
         ) from None
     if row is None:
         raise ConfigError("zen_settings is empty: apply the schema (zenpipe schema apply)")
