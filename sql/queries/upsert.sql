@@ -74,7 +74,10 @@ WHERE key IN (SELECT k.key
 -- The merge of one round, staged as bound arrays (one per column, unnest()ed in
 -- parallel) instead of a temporary table: no CREATE/COPY/DROP per batch (about 160
 -- catalog rows churned per batch, and every merge planned afresh against a new table),
--- and on a direct connection one prepared plan for every batch. emails, phones and
+-- and on a direct connection one prepared plan for every batch. The arrays are sent in
+-- binary (placeholders with b): psycopg's text-format list dumper escapes every element
+-- with a regular expression, 86 ms of Python per 1,000 rows against 20 ms in binary.
+-- emails, phones and
 -- whatsapp come as array literals, one per row (arrays of arrays must be rectangular).
 -- Rows enter in ord order, the same total order in every writer, so two writers never
 -- lock keys in opposite orders (no deadlock); the bisection binds a slice of the
@@ -162,57 +165,57 @@ SELECT
     1,
     now()
 FROM (SELECT u.*, coalesce(u.observed_us, zen_clock_us_v1()) AS us
-      FROM unnest(%(ord)s::integer[],
-             %(partition_key)s::integer[],
-             %(source_link)s::text[],
-             %(observed_us)s::bigint[],
-             %(source_id)s::bigint[],
-             %(business_name)s::text[],
-             %(business_category)s::text[],
-             %(website)s::text[],
-             %(website_domain)s::text[],
-             %(description)s::text[],
-             %(price_level)s::smallint[],
-             %(business_status)s::text[],
-             %(country_code)s::text[],
-             %(region)s::text[],
-             %(city)s::text[],
-             %(district)s::text[],
-             %(address)s::text[],
-             %(postal_code)s::text[],
-             %(latitude)s::double precision[],
-             %(longitude)s::double precision[],
-             %(timezone)s::text[],
-             %(plus_code)s::text[],
-             %(place_id)s::text[],
-             %(google_cid)s::text[],
-             %(maps_url)s::text[],
-             %(rating)s::double precision[],
-             %(reviews_count)s::integer[],
-             %(maps_phone)s::text[],
-             %(opening_hours)s::jsonb[],
-             %(photos_count)s::integer[],
-             %(is_claimed)s::boolean[],
-             %(emails_validated)s::jsonb[],
-             %(primary_email)s::text[],
-             %(whatsapp_validated)s::jsonb[],
-             %(facebook_url)s::text[],
-             %(instagram_url)s::text[],
-             %(linkedin_url)s::text[],
-             %(twitter_url)s::text[],
-             %(youtube_url)s::text[],
-             %(tiktok_url)s::text[],
-             %(website_title)s::text[],
-             %(website_status_code)s::smallint[],
-             %(website_language)s::text[],
-             %(contact_page_url)s::text[],
-             %(pages_crawled)s::integer[],
-             %(scrape_status)s::text[],
-             %(scrape_error)s::text[],
-             %(last_scrape_server)s::text[],
-             %(emails)s::text[],
-             %(phones)s::text[],
-             %(whatsapp)s::text[])
+      FROM unnest(%(ord)b::integer[],
+             %(partition_key)b::integer[],
+             %(source_link)b::text[],
+             %(observed_us)b::bigint[],
+             %(source_id)b::bigint[],
+             %(business_name)b::text[],
+             %(business_category)b::text[],
+             %(website)b::text[],
+             %(website_domain)b::text[],
+             %(description)b::text[],
+             %(price_level)b::smallint[],
+             %(business_status)b::text[],
+             %(country_code)b::text[],
+             %(region)b::text[],
+             %(city)b::text[],
+             %(district)b::text[],
+             %(address)b::text[],
+             %(postal_code)b::text[],
+             %(latitude)b::double precision[],
+             %(longitude)b::double precision[],
+             %(timezone)b::text[],
+             %(plus_code)b::text[],
+             %(place_id)b::text[],
+             %(google_cid)b::text[],
+             %(maps_url)b::text[],
+             %(rating)b::double precision[],
+             %(reviews_count)b::integer[],
+             %(maps_phone)b::text[],
+             %(opening_hours)b::jsonb[],
+             %(photos_count)b::integer[],
+             %(is_claimed)b::boolean[],
+             %(emails_validated)b::jsonb[],
+             %(primary_email)b::text[],
+             %(whatsapp_validated)b::jsonb[],
+             %(facebook_url)b::text[],
+             %(instagram_url)b::text[],
+             %(linkedin_url)b::text[],
+             %(twitter_url)b::text[],
+             %(youtube_url)b::text[],
+             %(tiktok_url)b::text[],
+             %(website_title)b::text[],
+             %(website_status_code)b::smallint[],
+             %(website_language)b::text[],
+             %(contact_page_url)b::text[],
+             %(pages_crawled)b::integer[],
+             %(scrape_status)b::text[],
+             %(scrape_error)b::text[],
+             %(last_scrape_server)b::text[],
+             %(emails)b::text[],
+             %(phones)b::text[],
+             %(whatsapp)b::text[])
            AS u (ord, partition_key, source_link, observed_us, source_id, business_name, business_category, website, website_domain, description, price_level, business_status, country_code, region, city, district, address, postal_code, latitude, longitude, timezone, plus_code, place_id, google_cid, maps_url, rating, reviews_count, maps_phone, opening_hours, photos_count, is_claimed, emails_validated, primary_email, whatsapp_validated, facebook_url, instagram_url, linkedin_url, twitter_url, youtube_url, tiktok_url, website_title, website_status_code, website_language, contact_page_url, pages_crawled, scrape_status, scrape_error, last_scrape_server, emails, phones, whatsapp)
       WHERE -- refused whatever the merge order: a source_id without its results row (the
         -- foreign key would only refuse one that wins its column's merge), an explicit
@@ -327,9 +330,9 @@ INSERT INTO zen_rejects (server_id, row_index, source_link, field, reason, detai
                          payload, payload_is_repr)
 SELECT %(server_id)s, u.row_index, u.source_link, u.field, u.reason, u.detail, u.problems,
        u.payload, u.payload_is_repr
-FROM unnest(%(row_index)s::integer[], %(source_link)s::text[], %(field)s::text[],
-            %(reason)s::text[], %(detail)s::text[], %(problems)s::jsonb[],
-            %(payload)s::jsonb[], %(payload_is_repr)s::boolean[])
+FROM unnest(%(row_index)b::integer[], %(source_link)b::text[], %(field)b::text[],
+            %(reason)b::text[], %(detail)b::text[], %(problems)b::jsonb[],
+            %(payload)b::jsonb[], %(payload_is_repr)b::boolean[])
      AS u (row_index, source_link, field, reason, detail, problems, payload, payload_is_repr);
 
 -- name: begin
