@@ -421,6 +421,11 @@ class Claimer:
                 c.autocommit = True
                 try:
                     rows = c.execute(self._queries["complete_own"], groups[0]).fetchall()
+                except psycopg.Error as e:
+                    stale = stale_from(e, "complete")
+                    if stale is None:
+                        raise
+                    raise stale from None
                 finally:
                     if not c.closed and c.info.transaction_status == pq.TransactionStatus.IDLE:
                         c.autocommit = False
@@ -510,6 +515,19 @@ def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operati
     stale = sorted(c.id for c in claims if c.id not in done)
     if stale:
         raise StaleClaimError(operation, stale)
+
+
+#: SQLSTATE of zen_complete_v1 / zen_extend_settling_v1: rows no longer held (DETAIL).
+STALE_SQLSTATE = "ZC002"
+
+
+def stale_from(error: psycopg.Error, operation: str) -> StaleClaimError | None:
+    """The `StaleClaimError` a settle function raised in SQL (SQLSTATE ZC002, the ids
+    no longer held in its DETAIL), or None for any other error."""
+    if error.sqlstate != STALE_SQLSTATE:
+        return None
+    detail = error.diag.message_detail or ""
+    return StaleClaimError(operation, [int(x) for x in detail.split(",") if x])
 
 
 def _check_open(conn: Conn) -> None:

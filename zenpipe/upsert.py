@@ -41,6 +41,7 @@ from tenacity import (
 )
 
 from . import queries
+from .claim import stale_from
 from .errors import EmptyBatchError, UpsertError, is_transient
 from .keys import route
 from .pool import guarded_pool
@@ -835,7 +836,10 @@ class Upserter:
                 except psycopg.Error as e:
                     if (e.sqlstate or "")[:2] in _ROW_ERROR_CLASSES:
                         return None  # a row the database refuses: write carefully
-                    raise
+                    stale = stale_from(e, "extend")
+                    if stale is None:
+                        raise
+                    raise stale from None
                 if claimer is not None and batch is not None:
                     rows_held = [r for c, _ in held for r in c.fetchall()]
                     if held:

@@ -209,3 +209,67 @@ BEGIN
     o_retry_in := NULL;
 END
 $$;
+
+-- complete and extend(settling) in one statement each, all or nothing, one pass over the
+-- rows (issue 10): the fenced UPDATE of claim.sql (complete; extend with settling), and
+-- when any row of the batch is no longer held under the claim the function raises
+-- SQLSTATE ZC002 with the ids missing in DETAIL, so the statement, its own transaction in
+-- autocommit or a step of a pipeline, applies nothing (a lock-then-update form locked
+-- every row first: two row versions' worth of work per row).
+CREATE FUNCTION zen_complete_v1(p_ids bigint[], p_token bigint, p_claim_id uuid)
+    RETURNS bigint[]
+    LANGUAGE plpgsql VOLATILE
+    AS $$
+DECLARE
+    v_done bigint[];
+BEGIN
+    WITH d AS (
+        UPDATE results AS r
+        SET status = 'done',
+            done_at = coalesce(r.done_at, statement_timestamp()),
+            lease_until = NULL,
+            settling = false,
+            last_error = NULL
+        WHERE r.id = ANY (p_ids)
+          AND r.claim_token = p_token
+          AND r.claim_id = p_claim_id
+          AND r.status IN ('claimed', 'done')
+        RETURNING r.id
+    )
+    SELECT coalesce(array_agg(d.id), '{}') INTO v_done FROM d;
+    IF cardinality(v_done) < cardinality(p_ids) THEN
+        RAISE EXCEPTION USING ERRCODE = 'ZC002', MESSAGE = 'zenpipe: stale claim (complete)',
+            DETAIL = array_to_string(ARRAY(SELECT unnest(p_ids) EXCEPT SELECT unnest(v_done)
+                                           ORDER BY 1), ',');
+    END IF;
+    RETURN v_done;
+END
+$$;
+
+CREATE FUNCTION zen_extend_settling_v1(p_ids bigint[], p_token bigint, p_claim_id uuid,
+                                       p_lease double precision)
+    RETURNS bigint[]
+    LANGUAGE plpgsql VOLATILE
+    AS $$
+DECLARE
+    v_done bigint[];
+BEGIN
+    WITH d AS (
+        UPDATE results AS r
+        SET lease_until = statement_timestamp() + make_interval(secs => p_lease),
+            settling = true
+        WHERE r.id = ANY (p_ids)
+          AND r.claim_token = p_token
+          AND r.claim_id = p_claim_id
+          AND r.status = 'claimed'
+        RETURNING r.id
+    )
+    SELECT coalesce(array_agg(d.id), '{}') INTO v_done FROM d;
+    IF cardinality(v_done) < cardinality(p_ids) THEN
+        RAISE EXCEPTION USING ERRCODE = 'ZC002', MESSAGE = 'zenpipe: stale claim (extend)',
+            DETAIL = array_to_string(ARRAY(SELECT unnest(p_ids) EXCEPT SELECT unnest(v_done)
+                                           ORDER BY 1), ',');
+    END IF;
+    RETURN v_done;
+END
+$$;

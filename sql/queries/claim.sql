@@ -182,33 +182,10 @@ RETURNING r.id;
 -- name: complete_own
 -- complete, all or nothing in one statement, for a completion in its own transaction on
 -- a direct connection (one round trip in autocommit instead of BEGIN, UPDATE, COMMIT):
--- the rows of the claim are locked in id order first, and nothing is updated unless
--- every row of the batch is still held (claimed under our claim, or done under it: a
--- retry after a lost acknowledgement).
-WITH held AS MATERIALIZED (
-    SELECT h.id
-    FROM results AS h
-    WHERE h.id = ANY (%(ids)s::bigint[])
-      AND h.claim_token = %(token)s
-      AND h.claim_id = %(claim_id)s
-      AND h.status IN ('claimed', 'done')
-    ORDER BY h.id
-    FOR NO KEY UPDATE
-),
-done AS (
-    UPDATE results AS r
-    SET status = 'done',
-        done_at = coalesce(r.done_at, statement_timestamp()),
-        lease_until = NULL,
-        settling = false,
-        last_error = NULL
-    WHERE r.id IN (SELECT h.id FROM held AS h)
-      AND (SELECT count(*) FROM held) = cardinality(%(ids)s::bigint[])
-    RETURNING r.id
-)
--- the rows still held (the caller names the others in StaleClaimError), and how many
--- were completed (all of them, or none)
-SELECT h.id, (SELECT count(*) FROM done) AS completed FROM held AS h;
+-- zen_complete_v1 (migration 0017) raises ZC002, naming the rows no longer held, and so
+-- applies nothing, unless every row is claimed under our claim or done under it (a retry
+-- after a lost acknowledgement).
+SELECT unnest(zen_complete_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s));
 
 -- name: extend
 -- Heartbeat: push the lease of every row of a batch in one statement (by primary key),
@@ -229,24 +206,10 @@ RETURNING r.id, r.lease_until;
 -- The worker's "now writing" mark, sent in the same round trip as the write (its own
 -- short transaction, committed first, so a lease that runs out during the write is a
 -- slow write, not a crash): push the lease and set settling on every row of the batch,
--- all or nothing in one statement, so a pipelined caller that cannot roll back after
--- the fact never marks part of a batch. Rows by primary key, locked in id order.
-WITH held AS MATERIALIZED (
-    SELECT h.id
-    FROM results AS h
-    WHERE h.id = ANY (%(ids)s::bigint[])
-      AND h.claim_token = %(token)s
-      AND h.claim_id = %(claim_id)s
-      AND h.status = 'claimed'
-    ORDER BY h.id
-    FOR NO KEY UPDATE
-)
-UPDATE results AS r
-SET lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
-    settling = true
-WHERE r.id IN (SELECT h.id FROM held AS h)
-  AND (SELECT count(*) FROM held) = cardinality(%(ids)s::bigint[])
-RETURNING r.id, r.lease_until;
+-- all or nothing (zen_extend_settling_v1 raises ZC002 naming the rows no longer held),
+-- so a pipelined caller that cannot look before it goes on never marks part of a batch,
+-- and the write pipelined behind it is skipped.
+SELECT unnest(zen_extend_settling_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s));
 
 -- name: fail
 -- Record a failure on the rows of one claim in one statement (by primary key): to retry
