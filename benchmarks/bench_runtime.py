@@ -138,7 +138,7 @@ def _statements(server_dsn: str, dsn: str) -> int:
 
 
 def _idle(
-    server_dsn: str, *, servers: int, workers: int, seconds: float, listen: bool
+    server_dsn: str, *, servers: int, workers: int, seconds: float, listen: bool, warmup: float
 ) -> dict[str, Any]:
     from zenpipe import enqueue
 
@@ -152,7 +152,7 @@ def _idle(
         try:
             for p in procs:
                 assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-            time.sleep(3.0)  # past the first polls, into the steady state
+            time.sleep(warmup)  # past the first polls and the backoff's ramp: steady state
             before = _statements(server_dsn, dsn)
             time.sleep(seconds)
             calls = _statements(server_dsn, dsn) - before
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--idle-seconds", type=float, default=20.0,
                         help="0: skip the idle measurement")  # fmt: skip
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--idle-warmup", type=float, default=40.0,
+                        help="seconds idle before counting")  # fmt: skip
     args = parser.parse_args(argv)
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"zenbench-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         common = {"processes": args.processes, "concurrency": args.concurrency,
                   "batch": args.batch, "folder": folder}  # fmt: skip
-        db_limit = _throughput(server_dsn, rows=args.rows, latency=0.0, target="enrich",
-                               **common)  # fmt: skip
         ideal = args.processes * args.concurrency / args.latency
+        db_limit = {"rows_per_s": float("nan")}
+        if not args.skip_throughput:
+            db_limit = _throughput(server_dsn, rows=args.rows, latency=0.0, target="enrich",
+                                   **common)  # fmt: skip
         reference = min(ideal, db_limit["rows_per_s"])
-        for target in ("enrich", "enrich_async"):
+        for target in () if args.skip_throughput else ("enrich", "enrich_async"):
             got = _throughput(server_dsn, rows=args.rows, latency=args.latency, target=target,
                               **common)  # fmt: skip
             rows_out.append({
@@ -212,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
                 "reference rows/s": reference,
                 "ratio": got["rows_per_s"] / reference,
             })  # fmt: skip
-        rows_out.append({"measure": "throughput, no latency (database limit)",
-                         "rows/s": db_limit["rows_per_s"], "reference rows/s": ideal,
-                         "ratio": db_limit["rows_per_s"] / ideal})  # fmt: skip
+        if not args.skip_throughput:
+            rows_out.append({"measure": "throughput, no latency (database limit)",
+                             "rows/s": db_limit["rows_per_s"], "reference rows/s": ideal,
+                             "ratio": db_limit["rows_per_s"] / ideal})  # fmt: skip
         idle = []
         for listen in (False, True) if args.idle_seconds > 0 else ():
             got = _idle(server_dsn, servers=args.servers, workers=args.workers,
-                        seconds=args.idle_seconds, listen=listen)  # fmt: skip
+                        seconds=args.idle_seconds, listen=listen,
+                        warmup=args.idle_warmup)  # fmt: skip
             idle.append(got)
             rows_out.append({
                 "measure": f"idle {args.servers}x{args.workers}, "
