@@ -57,13 +57,18 @@ DECLARE
     v_seen bigint;
     v_last_priority integer;
     v_last_id bigint;
+    v_start_priority integer;
+    v_start_id bigint;
 BEGIN
     o_races := 0;
     FOR v_try IN 1 .. p_tries LOOP
         BEGIN
-            v_source := 'auto';
-            v_after_priority := NULL;
-            v_after_id := NULL;
+            -- after a raced attempt the next one starts past the window other claimers
+            -- were just taking (claimers then spread over the backlog instead of all
+            -- racing for its head); a new claim starts at the head again
+            v_source := CASE WHEN v_start_id IS NULL THEN 'auto' ELSE 'pending' END;
+            v_after_priority := v_start_priority;
+            v_after_id := v_start_id;
             v_locked := '{}';
             o_contended := false;
             FOR v_window IN 1 .. p_windows LOOP
@@ -195,6 +200,10 @@ BEGIN
             RAISE EXCEPTION USING ERRCODE = 'ZC001', MESSAGE = 'zenpipe claim raced';
         EXCEPTION WHEN SQLSTATE 'ZC001' THEN
             o_races := o_races + 1;
+            IF NOT p_exact AND NOT coalesce(v_expired, false) AND v_last_id IS NOT NULL THEN
+                v_start_priority := v_last_priority;
+                v_start_id := v_last_id;
+            END IF;
         END;
     END LOOP;
     -- kept racing with other claimers: an empty, contended batch
