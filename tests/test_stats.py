@@ -81,7 +81,9 @@ def test_rollup_agrees_with_the_live_increments_of_a_worker(dsn: str) -> None:
 
 
 def test_stats_hours_and_rollup_commands(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
-    add_jobs(dsn, 1, "s1", 3, 4)
+    # Two hours ago: an hour that is closed whatever the minute (one hour ago is still
+    # open during the first ten minutes of the hour, the rollup's margin).
+    add_jobs(dsn, 2, "s1", 3, 4)
     assert cli.main(["stats", "rollup", "--dsn", dsn]) == 0
     assert "recomputed" in capsys.readouterr().out
     assert cli.main(["stats", "--dsn", dsn, "--hours", "24"]) == 0
