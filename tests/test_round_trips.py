@@ -108,7 +108,6 @@ def test_a_100_row_batch_takes_at_most_six_round_trips(dsn: str) -> None:
             assert worker.run_once() == 100
         per_batch = (traced.round_trips() - before) / batches
         gen.close()
-    print(f"round trips per batch: {per_batch}")
     assert per_batch <= MAX_ROUND_TRIPS, per_batch
     with psycopg.connect(dsn) as conn:
         row = conn.execute(

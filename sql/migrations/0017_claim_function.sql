@@ -22,8 +22,8 @@
 -- the coordinator: claims connect there, and the function never touches zen_contacts.
 --
 -- The two statements below are claim_lock and claim_take of sql/queries/claim.sql with
--- the parameters as variables (tests/test_claim.py pins claim_lock's plan and checks
--- that the function's text agrees with the file).
+-- the parameters as variables (tests/test_claim.py pins claim_lock's plan;
+-- tests/test_round_trips.py checks that the function's text agrees with the file).
 CREATE FUNCTION zen_claim_v1(
     p_owner text,
     p_claim_id uuid,
