@@ -1,7 +1,7 @@
 -- Statements of the claimer (zenpipe.claim). Parameters are named; every value is bound.
 
 -- name: claim
--- A whole claim, one round trip: zen_claim_v1 (migration 0017) runs claim_lock, window
+-- A whole claim, one round trip: zen_claim_v1 (migration 0016) runs claim_lock, window
 -- after window, then claim_take, each with its own snapshot, and retries a raced attempt
 -- itself (rolled back to the block's savepoint, locks released). One row back: the
 -- claimed rows as arrays in priority-then-age order, whether an empty batch came back
@@ -182,7 +182,7 @@ RETURNING r.id;
 -- name: complete_own
 -- complete, all or nothing in one statement, for a completion in its own transaction on
 -- a direct connection (one round trip in autocommit instead of BEGIN, UPDATE, COMMIT):
--- zen_complete_v1 (migration 0017) raises ZC002, naming the rows no longer held, and so
+-- zen_complete_v1 (migration 0016) raises ZC002, naming the rows no longer held, and so
 -- applies nothing, unless every row is claimed under our claim or done under it (a retry
 -- after a lost acknowledgement).
 SELECT unnest(zen_complete_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s));
