@@ -520,10 +520,19 @@ class Upserter:
                 attempts += 1
                 with self._pool.connection() as conn:
                     if attempts == 1 and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                        fast = self._write_fast(
-                            conn, prepared, key=key, claimer=claimer, batch=batch,
-                            settling=settling, after=after,
-                        )  # fmt: skip
+                        try:
+                            fast = self._write_fast(
+                                conn, prepared, key=key, claimer=claimer, batch=batch,
+                                settling=settling, after=after,
+                            )  # fmt: skip
+                        except psycopg.Error as e:
+                            # In pipeline mode the settle functions' ZC002 may surface at
+                            # any later statement of the pipeline, not only at its sync.
+                            op = "complete" if "(complete)" in str(e) else "extend"
+                            stale = stale_from(e, op)
+                            if stale is None:
+                                raise
+                            raise stale from None
                         if fast is not None:
                             report = self._report(prepared, fast, retries=0)
                             report.already_committed = fast.already_committed
