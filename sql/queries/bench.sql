@@ -20,12 +20,17 @@ SET max_attempts = %(max_attempts)s,
     updated_at = now();
 
 -- name: progress
--- Sampled every second: one pass over results (the bench's database is small enough;
--- a full count also sees rows stuck in 'retry' or 'claimed').
-SELECT count(*) FILTER (WHERE status IN ('done', 'failed')) AS settled,
-       count(*) FILTER (WHERE status = 'failed')            AS parked,
-       count(*)                                             AS total
-FROM results;
+-- Sampled twice a second while the fleet runs: counts only the rows not settled yet
+-- (pending, claimed, retry: each through its partial index) and the parked ones, so a
+-- sample shrinks with the backlog instead of passing over every version of every row
+-- of results (40-105 ms a sample in a 30,000-row run, on the server the fleet shares).
+-- %(total)s: the rows the bench loaded.
+SELECT %(total)s::bigint - (
+           (SELECT count(*) FROM results WHERE status = 'pending')
+         + (SELECT count(*) FROM results WHERE status = 'claimed')
+         + (SELECT count(*) FROM results WHERE status = 'retry')) AS settled,
+       (SELECT count(*) FROM results WHERE status = 'failed') AS parked,
+       %(total)s::bigint AS total;
 
 -- name: connections
 -- Client backends on the bench's database, the sampler's own excluded: what the fleet

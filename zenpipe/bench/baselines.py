@@ -230,7 +230,9 @@ def run_method(method: str, admin: str, dataset: bench_data.Dataset,
             part.frombytes(raw)
             ids.extend(part)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            settled_row = conn.execute(load("bench")["progress"]).fetchone()
+            settled_row = conn.execute(
+                load("bench")["progress"], {"total": len(dataset.rows)}
+            ).fetchone()
             settled = int(settled_row[0]) if settled_row else 0
             violations = check(conn, dataset, expected, RunFacts())
     return {

@@ -436,7 +436,7 @@ def _run_on(
                 pg.restart(mode="immediate")
             if now - last_sample >= 0.5:
                 last_sample = now
-                prog = sampler.one("progress")
+                prog = sampler.one("progress", {"total": total})
                 conns = sampler.one("connections")
                 if prog is not None:
                     settled = int(prog[0])
