@@ -73,6 +73,9 @@ def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
     assert report["batches"] > 0 and report["latency"]["claim"]["p50_ms"] is not None
     assert report["partitions"]["used"] == 32
     assert report["peak_connections"] <= report["fleet_budget"]
+    # the throughput counts from the first claim; the fleet's start-up is reported apart
+    assert report["startup_seconds"] > 0
+    assert report["rows_per_s"] > report["wall_rows_per_s"] > 0
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _databases(pg_server) == before  # its own database made and dropped, nothing else
 
