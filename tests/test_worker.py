@@ -487,3 +487,42 @@ def test_every_batch_reports_one_event_when_it_lands(dsn: str) -> None:
     ]
     assert all(e.worker == "s1/w0" and e.claim_seconds > 0 and e.write_seconds > 0
                for e in events)  # fmt: skip
+
+
+def test_a_write_retried_after_its_backend_was_terminated_reports_the_retry(dsn: str) -> None:
+    """BatchEvent.retries counts the write transactions retried (it was always 0)."""
+    from zenpipe.events import BatchEvent
+
+    _fill(dsn, 3)
+    link = "https://maps.example.com/w1"
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO zen_contacts (partition_key, source_link) VALUES (hashtext(%s), %s)",
+            (link, link),
+        )
+    events: list[BatchEvent] = []
+    # A row lock on that contact holds the worker's merge, so its backend can be
+    # terminated in the middle of the write; the upserter retries on a new connection.
+    blocker = psycopg.connect(dsn)
+    blocker.execute("SELECT 1 FROM zen_contacts WHERE source_link = %s FOR UPDATE", (link,))
+    with Worker(dsn, _enrich_id, server_id="s1", batch_size=3, on_event=events.append) as w:
+        runner = threading.Thread(target=w.run_once)
+        runner.start()
+        try:
+            waiting = (
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO zen_contacts%%'"
+            )
+            wait_for(lambda: bool(one(dsn, f"SELECT count(*) FROM ({waiting}) AS w")))
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({waiting}) AS w")
+        finally:
+            blocker.rollback()
+            blocker.close()
+            runner.join(60)
+    assert not runner.is_alive()
+    assert [(e.outcome, e.written, e.retries) for e in events] == [("settled", 3, 1)]
+    # written once: the retry found nothing committed by the terminated attempt
+    assert one(dsn, "SELECT scrape_count FROM zen_contacts WHERE source_link = %s", (link,)) == 1
+    assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 3
+    assert_no_leaks(dsn)

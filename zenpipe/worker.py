@@ -346,9 +346,11 @@ class Worker:
             book = _Bookkeeping(self, flight)
             if flight.failures or not flight.done:
                 self.claimer.extend(batch, settling=True)
-                written, rejected, failed = self._settle(batch, flight.done, flight.failures)
+                written, rejected, failed, retries = self._settle(
+                    batch, flight.done, flight.failures
+                )
             else:  # the common batch: mark, write, complete and book in one transaction
-                written, rejected, failed = self._settle(batch, flight.done, {}, book=book)
+                written, rejected, failed, retries = self._settle(batch, flight.done, {}, book=book)
         except StaleClaimError:
             stats.stale_batches += 1
             logger.warning("a %d-row batch was taken over before it was written", len(batch))
@@ -372,6 +374,7 @@ class Worker:
             written=written,
             rejected=rejected,
             failed=failed,
+            retries=retries,
             write_seconds=time.monotonic() - write_start,
         )
         if not book.committed:
@@ -495,9 +498,9 @@ class Worker:
         failures: dict[str, list[Claim]],
         *,
         book: _Bookkeeping | None = None,
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int]:
         """Record the failures, then write the records and complete their rows in one
-        transaction; return (written, rejected, failed).
+        transaction; return (written, rejected, failed, write transactions retried).
 
         With *book*, the batch is marked settling and its bookkeeping written in the
         same round trips as the write (`Upserter.upsert_and_complete` with
@@ -511,7 +514,7 @@ class Worker:
             self.claimer.fail(claims, error)
             failed += len(claims)
         if not done:
-            return 0, 0, failed
+            return 0, 0, failed, 0
         records = [r for _, r in done if r is not None]
         ok = replace(batch, claims=tuple(c for c, _ in done))
         try:
@@ -530,12 +533,12 @@ class Worker:
             logger.error("a %d-row batch failed to write (%s): writing it row by row",
                          len(done), _error_text(e))  # fmt: skip
             return self._settle_one_by_one(batch, done, failed)
-        return report.written, report.rejected, failed
+        return report.written, report.rejected, failed, report.retries
 
     def _settle_one_by_one(
         self, batch: Batch, done: list[tuple[Claim, Mapping[str, Any] | None]], failed: int
-    ) -> tuple[int, int, int]:
-        written = rejected = 0
+    ) -> tuple[int, int, int, int]:
+        written = rejected = retries = 0
         for claim, record in done:
             one = replace(batch, claims=(claim,))
             try:
@@ -552,7 +555,8 @@ class Worker:
                 continue
             written += report.written
             rejected += report.rejected
-        return written, rejected, failed
+            retries += report.retries
+        return written, rejected, failed, retries
 
     def run(self, stop: threading.Event | None = None, *, until_idle: bool = False) -> WorkerStats:
         """Process batches until *stop* is set (or, with *until_idle*, until a claim finds
