@@ -1,16 +1,15 @@
 """Retries after a lost COMMIT acknowledgement (issue 8, point 11), on a real server.
 
 The lost acknowledgement is made by a real loopback TCP proxy between the writer and
-PostgreSQL (`CommitAckDropper`): armed, it forwards the next ``COMMIT`` to the server,
-waits until the server has answered (the commit landed), then cuts the client's
+PostgreSQL (the bench's `zenpipe.bench.proxy.CommitProxy`): armed with ``drop_ack``, it
+forwards the next ``COMMIT`` to the server (a simple Query or, from the pipelined fast
+path, a Parse), waits until the server has answered (the commit landed), then cuts the client's
 connection without passing the answer on.  The writer sees a broken connection, exactly
 as when a network or a PgBouncer dies at that moment, and retries.
 """
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,129 +18,16 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import wait_for
+from psycopg.conninfo import make_conninfo
 
+from zenpipe.bench.proxy import CommitProxy
 from zenpipe.claim import Claimer
 from zenpipe.upsert import Upserter
 
-# The simple-protocol Query message psycopg sends for Connection.commit() and for the
-# end of a `with conn.transaction()` block.
-COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
-# The extended-protocol Parse of an unnamed COMMIT statement: how the writer's pipelined
-# fast path (issue 10) commits, in the same round trip as its last statements.
-COMMIT_PARSE = b"P\x00\x00\x00\x0e\x00COMMIT\x00"
-# ReadyForQuery, idle: the server's last message after a successful COMMIT.
-READY_IDLE = b"Z\x00\x00\x00\x05I"
-
-
-class CommitAckDropper:
-    """A TCP proxy to PostgreSQL that can lose the reply to one COMMIT."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._upstream = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._armed = False
-        self.dropped = threading.Event()
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def dsn(self, user: str, dbname: str) -> str:
-        return (
-            f"host=127.0.0.1 port={self.port} user={user} dbname={dbname} "
-            "sslmode=disable gssencmode=disable"
-        )
-
-    def arm(self) -> None:
-        """Lose the reply to the next COMMIT any connection sends."""
-        with self._lock:
-            self._armed = True
-            self.dropped.clear()
-
-    def _connect_upstream(self) -> socket.socket:
-        host, port = self._upstream
-        if host.startswith("/"):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(f"{host}/.s.PGSQL.{port}")
-            return s
-        return socket.create_connection((host, port))
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = self._connect_upstream()
-            drop = threading.Event()  # set: swallow the server's next answer, then cut
-            with self._lock:
-                self._socks += [client, server]
-            for target in (self._client_to_server, self._server_to_client):
-                t = threading.Thread(target=target, args=(client, server, drop), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _client_to_server(
-        self, client: socket.socket, server: socket.socket, drop: threading.Event
-    ) -> None:
-        tail = b""
-        try:
-            while data := client.recv(65536):
-                seen = tail + data
-                with self._lock:
-                    if self._armed and (COMMIT_MESSAGE in seen or COMMIT_PARSE in seen):
-                        self._armed = False
-                        drop.set()
-                tail = seen[-len(COMMIT_MESSAGE) :]
-                server.sendall(data)
-        except OSError:
-            pass
-        _close(client, server)
-
-    def _server_to_client(
-        self, client: socket.socket, server: socket.socket, drop: threading.Event
-    ) -> None:
-        swallowed = b""
-        try:
-            while data := server.recv(65536):
-                if drop.is_set():
-                    swallowed += data
-                    if READY_IDLE in swallowed:  # COMMIT answered: it landed
-                        self.dropped.set()
-                        _close(client, server)
-                        return
-                    continue
-                client.sendall(data)
-        except OSError:
-            pass
-        _close(client, server)
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        with self._lock:
-            socks = list(self._socks)
-        for s in socks:
-            _close(s)
-        for t in self._threads:
-            t.join(10)
-
-
-def _close(*socks: socket.socket) -> None:
-    for s in socks:
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            s.close()
-
 
 @pytest.fixture
-def proxy(postgresql: psycopg.Connection[Any]) -> Iterator[CommitAckDropper]:
-    p = CommitAckDropper(postgresql.info.host, postgresql.info.port)
+def proxy(postgresql: psycopg.Connection[Any]) -> Iterator[CommitProxy]:
+    p = CommitProxy(postgresql.info.host, postgresql.info.port)
     try:
         yield p
     finally:
@@ -149,8 +35,11 @@ def proxy(postgresql: psycopg.Connection[Any]) -> Iterator[CommitAckDropper]:
 
 
 @pytest.fixture
-def proxied_dsn(proxy: CommitAckDropper, postgresql: psycopg.Connection[Any]) -> str:
-    return proxy.dsn(postgresql.info.user, postgresql.info.dbname)
+def proxied_dsn(proxy: CommitProxy, postgresql: psycopg.Connection[Any]) -> str:
+    return make_conninfo(
+        host="127.0.0.1", port=str(proxy.port), user=postgresql.info.user,
+        dbname=postgresql.info.dbname, sslmode="disable", gssencmode="disable",
+    )  # fmt: skip
 
 
 def _one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
@@ -161,11 +50,11 @@ def _one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
 
 
 def test_the_proxy_really_loses_a_landed_commit(
-    proxy: CommitAckDropper, proxied_dsn: str, postgresql: psycopg.Connection[Any]
+    proxy: CommitProxy, proxied_dsn: str, postgresql: psycopg.Connection[Any]
 ) -> None:
     with psycopg.connect(proxied_dsn) as conn:
         conn.execute("INSERT INTO results (link, data) VALUES ('https://landed', '{}')")
-        proxy.arm()
+        proxy.arm("drop_ack")
         with pytest.raises(psycopg.OperationalError):
             conn.commit()
     assert proxy.dropped.is_set()
@@ -173,14 +62,14 @@ def test_the_proxy_really_loses_a_landed_commit(
 
 
 def test_lost_commit_ack_plain_upsert_counts_once(
-    proxy: CommitAckDropper, proxied_dsn: str, postgresql: psycopg.Connection[Any]
+    proxy: CommitProxy, proxied_dsn: str, postgresql: psycopg.Connection[Any]
 ) -> None:
     batch: list[dict[str, Any]] = [
         {"source_link": f"https://ack/{i}", "emails": [f"{i}@x.com"]} for i in range(20)
     ]
     batch.append({"source_link": "https://ack/bad", "country_code": "IDN"})
     with Upserter(proxied_dsn, server_id="s", max_wait=0.05) as up:
-        proxy.arm()
+        proxy.arm("drop_ack")
         report = up.upsert(batch)
     assert proxy.dropped.is_set()  # the first attempt's commit landed, its ack was lost
     assert report.retries == 1 and report.already_committed
@@ -191,18 +80,18 @@ def test_lost_commit_ack_plain_upsert_counts_once(
 
 
 def test_lost_commit_ack_parallel_groups_count_once(
-    proxy: CommitAckDropper, proxied_dsn: str, postgresql: psycopg.Connection[Any]
+    proxy: CommitProxy, proxied_dsn: str, postgresql: psycopg.Connection[Any]
 ) -> None:
     batch = [{"source_link": f"https://pg/{i}"} for i in range(200)]
     with Upserter(proxied_dsn, server_id="s", parallel=2, max_wait=0.05) as up:
-        proxy.arm()
+        proxy.arm("drop_ack")
         report = up.upsert(batch)
     assert proxy.dropped.is_set() and report.retries == 1
     assert _one(postgresql, "SELECT count(*), sum(scrape_count) FROM zen_contacts") == (200, 200)
 
 
 def test_lost_commit_ack_upsert_and_complete_writes_once(
-    proxy: CommitAckDropper, proxied_dsn: str, dsn: str, postgresql: psycopg.Connection[Any]
+    proxy: CommitProxy, proxied_dsn: str, dsn: str, postgresql: psycopg.Connection[Any]
 ) -> None:
     postgresql.execute(
         "INSERT INTO results (link, data) SELECT 'https://uc/' || i, '{}' "
@@ -216,7 +105,7 @@ def test_lost_commit_ack_upsert_and_complete_writes_once(
         batch = claimer.claim()
         recs = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
         recs.append({"source_link": "https://uc/bad", "latitude": 100.0})
-        proxy.arm()
+        proxy.arm("drop_ack")
         report = up.upsert_and_complete(recs, claimer, batch)
     assert proxy.dropped.is_set() and report.already_committed
     assert _one(postgresql, "SELECT count(*), sum(scrape_count) FROM zen_contacts") == (10, 10)

@@ -12,8 +12,12 @@ connection sends is handled so:
   transaction back, the client again does not know.
 
 psycopg sends ``Connection.commit()`` and the end of ``with conn.transaction()`` as a
-simple-protocol Query message, which is what the proxy looks for.  Each firing is
-recorded in `fired` with its time.  Generalized from ``tests/test_upsert_retry.py``.
+simple-protocol Query message; the writer's pipelined fast path (docs/upserting.md)
+sends its COMMIT as an extended-protocol Parse in the same round trip as its last
+statements.  The proxy looks for both: a proxy that saw only the first never touched
+the commit of a pipelined write, the one that matters most.  Each firing is recorded in
+`fired` with its time; `dropped` is set once a reply was swallowed after the server
+answered the COMMIT (it landed).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import threading
 import time
 from typing import Literal
 
-__all__ = ["COMMIT_MESSAGE", "READY_IDLE", "CommitProxy", "Mode"]
+__all__ = ["COMMIT_MESSAGE", "COMMIT_PARSE", "READY_IDLE", "CommitProxy", "Mode"]
 
 #: The simple-protocol Query message psycopg sends for COMMIT.
 COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+#: The extended-protocol Parse of an unnamed COMMIT: a COMMIT sent in pipeline mode.
+COMMIT_PARSE = b"P\x00\x00\x00\x0e\x00COMMIT\x00"
 #: ReadyForQuery, idle: the server's last message after a successful COMMIT.
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 
@@ -46,6 +52,8 @@ class CommitProxy:
         self._armed: list[Mode] = []
         #: (time.time(), mode) of every COMMIT the proxy interfered with.
         self.fired: list[tuple[float, Mode]] = []
+        #: Set when a ``drop_ack`` swallowed the server's answer to a COMMIT.
+        self.dropped = threading.Event()
         self._socks: set[socket.socket] = set()
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="zenpipe-proxy", daemon=True)
@@ -94,7 +102,7 @@ class CommitProxy:
         try:
             while data := client.recv(65536):
                 seen = tail + data
-                if COMMIT_MESSAGE in seen:
+                if COMMIT_MESSAGE in seen or COMMIT_PARSE in seen:
                     with self._lock:
                         fire = self._armed.pop(0) if self._armed else None
                         if fire is not None:
@@ -103,7 +111,7 @@ class CommitProxy:
                         break  # never forwarded: the server rolls back
                     if fire == "drop_ack":
                         mode.append(fire)
-                tail = seen[-len(COMMIT_MESSAGE) :]
+                tail = seen[-len(COMMIT_PARSE) :]  # a message split across reads
                 server.sendall(data)
         except OSError:
             pass
@@ -118,6 +126,7 @@ class CommitProxy:
                 if mode:
                     swallowed += data
                     if READY_IDLE in swallowed:  # COMMIT answered: it landed
+                        self.dropped.set()
                         break
                     continue
                 client.sendall(data)
