@@ -19,18 +19,23 @@ from __future__ import annotations
 import contextlib
 import re
 import reprlib
+import struct
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 import psycopg
-from psycopg import pq
+from psycopg import postgres, pq, sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Dumper
 from psycopg.types.json import Jsonb, set_json_dumps
 from psycopg_pool import ConnectionPool
 from tenacity import (
@@ -90,6 +95,96 @@ _COPY_TYPES = [
     "text[]",
     "text[]",
 ]
+#: The COPY path's columns and binary types (`Upserter._copy_tuples` builds the rows):
+#: the merge's inserted values, rating as numeric (the server rounds it to numeric(2, 1)
+#: the way the merge's cast does).
+_COPY_COLUMNS: tuple[str, ...] = (
+    "partition_key",
+    "source_link",
+    *SCALAR_COLUMNS,
+    "emails",
+    "phones",
+    "whatsapp",
+    "observed_us",
+    "observed_at",
+    "scrape_count",
+)
+_COPY_PATH_TYPES = [
+    "int4",
+    "text",
+    *("numeric" if c == "rating" else _STAGE_TYPES.get(c, "text") for c in SCALAR_COLUMNS),
+    "text[]",
+    "text[]",
+    "text[]",
+    "int8[]",
+    "timestamptz",
+    "int4",
+]
+_RATING = SCALAR_COLUMNS.index("rating")
+_STATUS = SCALAR_COLUMNS.index("scrape_status")
+#: jsonb columns (sent as ready binary jsonb) and what the merge inserts for NULL
+#: (coalesce(value, '{}'): the slot stays NULL).
+_JSON_BINARY = b"\x01"
+_COPY_JSON: tuple[tuple[int, bytes | None], ...] = tuple(
+    (j, None if c == "opening_hours" else _JSON_BINARY + b"{}")
+    for j, c in enumerate(SCALAR_COLUMNS)
+    if _STAGE_TYPES.get(c) == "jsonb"
+)
+#: Default Upserter copy_rows: the smallest first round sent by COPY (measured:
+#: docs/upserting.md, "COPY path").
+COPY_ROWS = 500
+#: Longest back-off of the COPY path, in chunks, after fallbacks in a row.
+_COPY_MAX_BACKOFF = 64
+#: The merge computes observed_at as epoch + us * interval '1 microsecond' in float8:
+#: exact below 2**53 us (about 285 years either side of 1970); beyond, the merge decides.
+_EXACT_US = 2**53
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# PostgreSQL's binary array format (array_recv): ndim, has-null flag, element type oid,
+# then per dimension its length and lower bound; each element its length (-1: NULL)
+# and bytes.
+_ARRAY_HEAD = struct.Struct(">iiIii").pack
+_LEN = struct.Struct(">i").pack
+_INT8_ELEM = struct.Struct(">iq").pack
+_NULL_ELEM = _LEN(-1)
+_TEXT_OID = postgres.types["text"].oid
+_INT8_OID = postgres.types["int8"].oid
+_EMPTY_TEXT_ARRAY = struct.pack(">iiI", 0, 0, _TEXT_OID)
+
+
+class _RawBinary(Dumper):
+    """A value the COPY path already encoded in PostgreSQL's binary format: psycopg's
+    list dumper, in Python, would cost more than the rest of the row."""
+
+    format = pq.Format.BINARY
+
+    def dump(self, obj: Any) -> Buffer | None:
+        return obj  # type: ignore[no-any-return]
+
+
+#: One pass-through dumper per type the COPY path encodes itself (used by oid, through
+#: Copy.set_types, on the COPY path's own cursor only).
+_RAW_DUMPERS: tuple[type[Dumper], ...] = tuple(
+    type(f"_Raw{oid}", (_RawBinary,), {"oid": oid})
+    for oid in (
+        postgres.types["text"].array_oid,
+        postgres.types["int8"].array_oid,
+        postgres.types["jsonb"].oid,
+    )
+)
+
+
+def _text_array(items: Sequence[str]) -> bytes:
+    """*items* as a binary text[] (what the merge's ``s.emails::text[]`` stores)."""
+    if not items:
+        return _EMPTY_TEXT_ARRAY
+    parts = [_ARRAY_HEAD(1, 0, _TEXT_OID, len(items), 1)]
+    for item in items:
+        b = item.encode("utf-8")
+        parts.append(_LEN(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
 _REJECT_TYPES = ["text", "int4", "text", "text", "text", "text", "jsonb", "jsonb", "bool"]
 _JSON_COLUMNS = frozenset(c for c, t in _STAGE_TYPES.items() if t == "jsonb")
 
@@ -149,12 +244,21 @@ class UpsertReport:
     after_committed: bool = False
 
 
+class _CopyRows(NamedTuple):
+    """A chunk's first round as the COPY path sends it (`_copy_rows`)."""
+
+    tuples: list[tuple[Any, ...]]
+    max_us: int  # the newest observation: the future guard is checked at write time
+
+
 class _Chunk(NamedTuple):
-    rows: list[tuple[Any, ...]]  # COPY rows, ascending ord
+    rows: list[tuple[Any, ...]]  # merge rows, ascending ord
     rounds: list[list[int]]  # round -> ords in it, ascending
     rejections: list[tuple[Rejection, list[Problem]]]
     merged_in_batch: int
     cpu_seconds: float
+    #: the COPY rows, built ahead by the helper thread for a chunk that may go by COPY
+    copy: _CopyRows | None = None
 
 
 class _Prepared:
@@ -295,7 +399,10 @@ class _Prepared:
                 (ord_, rnd, keys[ord_], link, observed, *got.scalars, server,
                  got.emails, got.phones, got.whatsapp)
             )  # fmt: skip
-        return _Chunk(rows, rounds, rejections, merged, time.thread_time() - t)
+        copy = None
+        if rounds and self.up._copy_ahead(rounds[0]):
+            copy = _copy_rows(rows)
+        return _Chunk(rows, rounds, rejections, merged, time.thread_time() - t, copy)
 
 
 class _Written(NamedTuple):
@@ -325,6 +432,15 @@ class Upserter:
     upserter's own pool gets at least *parallel* connections; a caller's pool must have
     them); `upsert_and_complete` and ``conn=`` calls always use one transaction.
 
+    Fresh rows go faster by COPY: a chunk whose first round has at least *copy_rows*
+    records, every one with an explicit ``observed_at`` the future guard accepts, is
+    sent by binary COPY inside a savepoint, as the merge would insert it; when a link
+    exists already (or another writer inserts it meanwhile: the COPY waits for that
+    transaction), a ``source_id`` is unknown or any row is refused, the COPY is rolled
+    back to the savepoint and the chunk merged as usual, and the next candidate chunks
+    skip COPY (1, 2, 4 ... up to 64 after fallbacks in a row; reset by a COPY that
+    succeeds).  ``copy_rows=None`` turns the path off; it is off on a Citus coordinator.
+
     Not thread-safe: use one instance per thread (they may share a pool).
     """
 
@@ -339,6 +455,7 @@ class Upserter:
         pool_size: int = 1,
         parallel: int = 1,
         chunk_rows: int = 1000,
+        copy_rows: int | None = COPY_ROWS,
     ) -> None:
         if not server_id or "\x00" in server_id:
             raise ValueError("server_id must be a non-empty string without NUL")
@@ -352,7 +469,20 @@ class Upserter:
             raise ValueError("parallel and chunk_rows must be at least 1")
         self.parallel = parallel
         self.chunk_rows = chunk_rows
+        if copy_rows is not None and copy_rows < 1:
+            raise ValueError("copy_rows must be at least 1 (None: no COPY path)")
+        self.copy_rows = copy_rows
+        #: COPY path: first rounds sent by COPY, and those rolled back and merged instead.
+        self.copy_attempts = 0
+        self.copy_fallbacks = 0
+        self._copy_skip = 0  # candidate chunks left to merge without trying COPY
+        self._copy_backoff = 1  # the next skip after a fallback; doubles, reset on success
+        self._copy_lock = threading.Lock()  # parallel groups share these counters
+        self._on_citus = False
         self._queries = queries.load("upsert")
+        self._copy_sql = self._queries["copy_rows"].format(
+            columns=sql.SQL(", ").join(sql.Identifier(c) for c in _COPY_COLUMNS)
+        )
         self._prep_executor: ThreadPoolExecutor | None = None
         self._group_executor: ThreadPoolExecutor | None = None
         if isinstance(conninfo, str):
@@ -764,14 +894,36 @@ class Upserter:
                 if not self._take_key(cur, key):
                     return _Written(0, statements, [], already_committed=True)
             left_out: list[tuple[int, Any]] = []
-            for rows in self._rounds(prepared):
-                w, s, failed, missing = self._merge(cur, rows)
-                written += w
-                statements += s
-                left_out += missing
-                for ord_, err in failed:
-                    i = prepared.order[ord_]
-                    db_rejects.append(_db_rejection(i, prepared.records[i], err))
+            clock: int | None = None
+            copy_cur: psycopg.Cursor[Any] | None = None
+            for chunk in prepared.chunks():
+                start = 0
+                if self._copy_candidate(chunk):
+                    if clock is None:
+                        clock = self._clock_from(cur.execute(q["copy_clock"]).fetchone())
+                        statements += 1
+                    tuples = None if clock is None else self._copy_tuples(chunk, clock)
+                    if tuples is not None:
+                        if copy_cur is None:
+                            copy_cur = self._copy_cursor(conn)
+                        statements += 1
+                        cur.execute(q["savepoint"])
+                        if self._copy(copy_cur, tuples):
+                            written += len(tuples)
+                            start = 1
+                        else:
+                            cur.execute(q["rollback_to"])
+                        cur.execute(q["release"])
+                for rows in _chunk_rounds(chunk, start):
+                    w, s, failed, missing = self._merge(cur, rows)
+                    written += w
+                    statements += s
+                    left_out += missing
+                    for ord_, err in failed:
+                        i = prepared.order[ord_]
+                        db_rejects.append(_db_rejection(i, prepared.records[i], err))
+            if copy_cur is not None:
+                copy_cur.close()
             if left_out:
                 statements += 1
                 db_rejects += self._left_out_rejections(cur, prepared, left_out)
@@ -808,7 +960,8 @@ class Upserter:
         try:
             cur = conn.cursor()
             set_json_dumps(orjson.dumps, context=cur)
-            with conn.pipeline() as pipe:
+            with contextlib.ExitStack() as stack:
+                pipe = stack.enter_context(conn.pipeline())
                 held: list[tuple[psycopg.Cursor[Any], None]] = []
                 if settling and claimer is not None and batch is not None:
                     cur.execute(q["begin"])
@@ -823,12 +976,45 @@ class Upserter:
                     if not self._take_key(cur, key):
                         cur.execute(q["rollback"])
                         return _Written(0, statements, [], already_committed=True)
+                # COPY path: the clock rides along in this round trip
+                clock_cur: psycopg.Cursor[Any] | None = None
+                if self._copy_possible(prepared):
+                    clock_cur = conn.cursor()
+                    clock_cur.execute(q["copy_clock"])
+                    statements += 1
+                clock: int | None = None
+                copied = 0
                 merges: list[tuple[list[tuple[Any, ...]], psycopg.Cursor[Any]]] = []
-                for rows in self._rounds(prepared):
-                    mc = conn.cursor()
-                    set_json_dumps(orjson.dumps, context=mc)
-                    mc.execute(q["merge_rows"], self._round_params(rows))
-                    merges.append((rows, mc))
+                for chunk in prepared.chunks():
+                    start = 0
+                    if clock_cur is not None and self._copy_candidate(chunk):
+                        # COPY cannot run in a pipeline: send what is queued (and the
+                        # savepoint) and leave pipeline mode for it
+                        cur.execute(q["savepoint"])
+                        try:
+                            pipe.sync()
+                        except psycopg.Error as e:
+                            self._pipeline_error(e)
+                            return None
+                        stack.close()
+                        if clock is None:
+                            clock = self._clock_from(clock_cur.fetchone())
+                        tuples = None if clock is None else self._copy_tuples(chunk, clock)
+                        ok = tuples is not None and self._copy(self._copy_cursor(conn), tuples)
+                        pipe = stack.enter_context(conn.pipeline())
+                        if ok:
+                            assert tuples is not None
+                            copied += len(tuples)
+                            start = 1
+                        elif tuples is not None:
+                            cur.execute(q["rollback_to"])
+                        cur.execute(q["release"])
+                        statements += tuples is not None
+                    for rows in _chunk_rounds(chunk, start):
+                        mc = conn.cursor()
+                        set_json_dumps(orjson.dumps, context=mc)
+                        mc.execute(q["merge_rows"], self._round_params(rows))
+                        merges.append((rows, mc))
                 statements += len(merges)
                 known = prepared.rejections()
                 if known:
@@ -843,12 +1029,8 @@ class Upserter:
                 try:
                     pipe.sync()
                 except psycopg.Error as e:
-                    if (e.sqlstate or "")[:2] in _ROW_ERROR_CLASSES:
-                        return None  # a row the database refuses: write carefully
-                    stale = stale_from(e, "extend")
-                    if stale is None:
-                        raise
-                    raise stale from None
+                    self._pipeline_error(e)
+                    return None  # a row the database refuses: write carefully
                 if claimer is not None and batch is not None:
                     rows_held = [r for c, _ in held for r in c.fetchall()]
                     if held:
@@ -856,7 +1038,7 @@ class Upserter:
                     claimer.check_rows(
                         batch.claims, [r for c in done for r in c.fetchall()], "complete"
                     )
-                written = 0
+                written = copied
                 left_out: list[tuple[int, Any]] = []
                 for rows, mc in merges:
                     got = {r[0] for r in mc.fetchall()}
@@ -880,6 +1062,18 @@ class Upserter:
                 if conn.info.transaction_status == pq.TransactionStatus.IDLE:
                     conn.autocommit = False
 
+    @staticmethod
+    def _pipeline_error(e: psycopg.Error) -> None:
+        """A failed sync of the fast write: return when a row the database refuses
+        caused it (the caller then writes carefully); else raise `StaleClaimError` (the
+        batch is no longer held) or *e*."""
+        if (e.sqlstate or "")[:2] in _ROW_ERROR_CLASSES:
+            return
+        stale = stale_from(e, "extend")
+        if stale is None:
+            raise e
+        raise stale from None
+
     def _take_key(self, cur: psycopg.Cursor[Any], key: uuid.UUID) -> bool:
         """Insert the call's idempotency *key* (`begin_write`); False when an earlier
         attempt holding it committed (waits while that attempt is in doubt)."""
@@ -898,15 +1092,96 @@ class Upserter:
         """The rows of each statement, chunk by chunk: a chunk's rounds in turn (a link
         repeated in the batch goes to the next round), each in ord order."""
         for chunk in prepared.chunks():
-            if not chunk.rows:
-                continue
-            if len(chunk.rounds) == 1:
-                yield chunk.rows
-                continue
-            for rnd in range(len(chunk.rounds)):
-                rows = [row for row in chunk.rows if row[1] == rnd]
-                if rows:
-                    yield rows
+            yield from _chunk_rounds(chunk, 0)
+
+    def _copy_possible(self, prepared: _Prepared) -> bool:
+        """Whether some chunk of *prepared* is large enough for the COPY path."""
+        n = self.copy_rows
+        return (
+            n is not None and not self._on_citus and any(hi - lo >= n for lo, hi in prepared.bounds)
+        )
+
+    def _copy_candidate(self, chunk: _Chunk) -> bool:
+        """Whether *chunk*'s first round may go by COPY: at least ``copy_rows`` rows,
+        each with an explicit observation time the merge computes exactly, the path on
+        and not backing off.  A candidate turned down by the back-off uses up one chunk
+        of it."""
+        n = self.copy_rows
+        if n is None or self._on_citus or not chunk.rounds or len(chunk.rounds[0]) < n:
+            return False
+        if chunk.copy is None:
+            for row in chunk.rows:
+                if row[1] == 0 and (row[4] is None or not -_EXACT_US < row[4] < _EXACT_US):
+                    return False  # the database clock, or observed_at in float8: merged
+        with self._copy_lock:
+            if self._copy_skip > 0:
+                self._copy_skip -= 1
+                return False
+        return True
+
+    def _clock_from(self, row: tuple[Any, ...] | None) -> int | None:
+        """The database clock from `copy_clock`'s *row*; None on Citus (and the COPY
+        path is off from then on)."""
+        assert row is not None
+        clock_us, on_citus = row
+        if on_citus:
+            self._on_citus = True
+            return None
+        return int(clock_us)
+
+    def _copy_ahead(self, first: list[int]) -> bool:
+        """Whether the helper thread should build COPY rows for a chunk whose first
+        round is *first*: large enough, the path on and (racy read, a hint) not backing
+        off.  `_copy_tuples` builds them at write time otherwise."""
+        n = self.copy_rows
+        return n is not None and len(first) >= n and not self._on_citus and not self._copy_skip
+
+    def _copy_tuples(self, chunk: _Chunk, clock_us: int) -> list[tuple[Any, ...]] | None:
+        """*chunk*'s first round as the merge would insert it fresh (`copy_rows`
+        columns), or None when a row's observation time is past the future guard at
+        *clock_us* (a lower bound of the merge's clock) or anything else keeps a row
+        from COPY: the merge decides those."""
+        copy = chunk.copy if chunk.copy is not None else _copy_rows(chunk.rows)
+        if copy is None or copy.max_us > clock_us + MAX_FUTURE_US:
+            return None
+        return copy.tuples
+
+    @staticmethod
+    def _copy_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
+        """A cursor for the COPY path: arrays and JSON go as the bytes it encoded."""
+        cur = conn.cursor()
+        for dumper in _RAW_DUMPERS:
+            cur.adapters.register_dumper(None, dumper)
+        return cur
+
+    def _copy(self, cur: psycopg.Cursor[Any], tuples: list[tuple[Any, ...]]) -> bool:
+        """Send *tuples* by binary COPY, inside the caller's savepoint.
+
+        True: every row written.  False: the database refused the COPY for its data (a
+        link that exists, an unknown ``source_id``, a value it rejects): the transaction
+        is then in error, for the caller to roll back to its savepoint and merge the
+        chunk; the next candidate chunks skip COPY.  Blocks while another transaction
+        holds one of the links uncommitted.  Raises any other `psycopg.Error`.
+        """
+        with self._copy_lock:
+            self.copy_attempts += 1
+        try:
+            with cur.copy(self._copy_sql) as cp:
+                cp.set_types(_COPY_PATH_TYPES)
+                for t in tuples:
+                    cp.write_row(t)
+        except psycopg.Error as e:
+            client_side = e.sqlstate is None and isinstance(e, psycopg.DataError)
+            if not client_side and (e.sqlstate or "")[:2] not in _ROW_ERROR_CLASSES:
+                raise
+            with self._copy_lock:
+                self.copy_fallbacks += 1
+                self._copy_skip = self._copy_backoff
+                self._copy_backoff = min(2 * self._copy_backoff, _COPY_MAX_BACKOFF)
+            return False
+        with self._copy_lock:
+            self._copy_backoff = 1
+        return True
 
     def _round_params(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
         """The bound arrays of one merge (`merge_rows`), one per column."""
@@ -1056,6 +1331,66 @@ class Upserter:
             payload,
             is_repr,
         )
+
+
+def _copy_rows(rows: list[tuple[Any, ...]]) -> _CopyRows | None:
+    """The first round of a chunk's merge *rows* as the COPY path sends them: the values
+    the merge inserts for a fresh row (observation slots, observed_at, scrape_count 1,
+    the coalesce defaults, rating as numeric), arrays and JSON already binary.  None
+    when a row cannot be written exactly so (no explicit observation time, a time the
+    merge computes in float8, a value that does not encode): the merge writes it."""
+    nslots = len(SCALAR_COLUMNS)
+    n = 5 + nslots
+    slots_head = (
+        _ARRAY_HEAD(1, 1, _INT8_OID, nslots, 1),
+        _ARRAY_HEAD(1, 0, _INT8_OID, nslots, 1),
+    )
+    dumps = orjson.dumps
+    out: list[tuple[Any, ...]] = []
+    max_us = -_EXACT_US
+    try:
+        for row in rows:
+            if row[1]:
+                continue
+            us = row[4]
+            if us is None or not -_EXACT_US < us < _EXACT_US:
+                return None
+            max_us = max(us, max_us)
+            values = list(row[5:n])
+            elem = _INT8_ELEM(8, us)
+            slots = [_NULL_ELEM if v is None else elem for v in values]
+            slots_bytes = slots_head[_NULL_ELEM not in slots] + b"".join(slots)
+            rating = values[_RATING]
+            if rating is not None:  # float8 -> numeric as PostgreSQL casts it (15 digits)
+                values[_RATING] = Decimal(format(rating, ".15g"))
+            for j, default in _COPY_JSON:
+                v = values[j]
+                values[j] = default if v is None else _JSON_BINARY + dumps(v)
+            if values[_STATUS] is None:
+                values[_STATUS] = "pending"
+            observed_at = _EPOCH + timedelta(microseconds=us)
+            out.append(
+                (row[2], row[3], *values, _text_array(row[n]), _text_array(row[n + 1]),
+                 _text_array(row[n + 2]), slots_bytes, observed_at, 1)
+            )  # fmt: skip
+    except (TypeError, ValueError, OverflowError):  # JSON, text, time: let the merge say
+        return None
+    return _CopyRows(out, max_us)
+
+
+def _chunk_rounds(chunk: _Chunk, start: int) -> Iterator[list[tuple[Any, ...]]]:
+    """*chunk*'s rounds from round *start* on (1: after a COPY of its first), each in
+    ord order."""
+    if not chunk.rows:
+        return
+    if len(chunk.rounds) == 1:
+        if start == 0:
+            yield chunk.rows
+        return
+    for rnd in range(start, len(chunk.rounds)):
+        rows = [row for row in chunk.rows if row[1] == rnd]
+        if rows:
+            yield rows
 
 
 def _array_literal(items: Sequence[str]) -> str:

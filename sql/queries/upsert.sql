@@ -356,3 +356,23 @@ RELEASE SAVEPOINT zen_merge;
 
 -- name: rollback_to
 ROLLBACK TO SAVEPOINT zen_merge;
+
+-- name: copy_clock
+-- Only before the COPY path's first chunk (Upserter copy_rows): the database clock, a
+-- lower bound of zen_clock_us_v1() in every later statement of the transaction, so a row
+-- whose observation time passes the future guard here passes the merge's too; and
+-- whether this is a Citus coordinator (the COPY path is then off).
+SELECT zen_clock_us_v1() AS clock_us,
+       EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS on_citus;
+
+-- name: copy_rows
+-- The COPY path for a chunk's first round when none of its links exists yet: the rows
+-- as the merge would insert them fresh (observation slots, observed_at, scrape_count 1,
+-- the coalesce defaults: computed by the writer), in binary, into the parent table
+-- (PostgreSQL routes each row to its partition). created_at and updated_at take their
+-- defaults, now(), as in the merge. Inside a savepoint: a unique violation (the link
+-- exists, or another writer inserted it meanwhile), a foreign key violation (unknown
+-- source_id) or any data error rolls back to it and the chunk is merged instead.
+-- {columns}: partition_key, source_link, the SCALAR_COLUMNS, emails, phones, whatsapp,
+-- observed_us, observed_at, scrape_count (composed by the writer).
+COPY zen_contacts ({columns}) FROM STDIN (FORMAT BINARY);
