@@ -526,3 +526,55 @@ def test_a_write_retried_after_its_backend_was_terminated_reports_the_retry(dsn:
     assert one(dsn, "SELECT scrape_count FROM zen_contacts WHERE source_link = %s", (link,)) == 1
     assert one(dsn, "SELECT count(*) FROM results WHERE status = 'done'") == 3
     assert_no_leaks(dsn)
+
+
+def test_failures_and_bookkeeping_commit_with_the_write(dsn: str) -> None:
+    """A batch with failed rows settles in one transaction: the failures, the contacts,
+    the completions and the bookkeeping (before: a commit for the settling mark, one
+    per error, the write, the bookkeeping).  Seen from outside while the write waits
+    behind a row lock: nothing of the batch is settled yet; then everything is."""
+    ids = _fill(dsn, 5, poison={2, 4})
+    link = "https://maps.example.com/w1"
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO zen_contacts (partition_key, source_link) VALUES (hashtext(%s), %s)",
+            (link, link),
+        )
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.data["poison"]:
+            raise ValueError(f"page {claim.data['n']} does not parse")  # two errors
+        return _enrich_id(claim)
+
+    def status_of() -> list[str]:
+        with psycopg.connect(dsn) as conn:
+            got = dict(conn.execute("SELECT id, status FROM results").fetchall())
+        return [got[i] for i in ids]
+
+    blocker = psycopg.connect(dsn)
+    blocker.execute("SELECT 1 FROM zen_contacts WHERE source_link = %s FOR UPDATE", (link,))
+    with Worker(dsn, enrich, server_id="s1", batch_size=5) as w:
+        runner = threading.Thread(target=w.run_once)
+        runner.start()
+        try:
+            wait_for(
+                lambda: bool(
+                    one(
+                        dsn,
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO zen_contacts%%'",
+                    )
+                )
+            )
+            while_writing = status_of()
+            jobs_while_writing = one(dsn, "SELECT count(*) FROM zen_jobs")
+        finally:
+            blocker.rollback()
+            blocker.close()
+            runner.join(60)
+    assert not runner.is_alive()
+    assert while_writing == ["claimed"] * 5 and jobs_while_writing == 0
+    assert status_of() == ["done", "retry", "done", "retry", "done"]
+    assert (w.stats.written, w.stats.failed) == (3, 2)
+    assert one(dsn, "SELECT rows_failed, rows_written FROM zen_jobs") == (2, 3)
+    assert_no_leaks(dsn)

@@ -344,13 +344,13 @@ class Worker:
             if keeper.lost:
                 raise StaleClaimError("extend", batch.ids)
             book = _Bookkeeping(self, flight)
-            if flight.failures or not flight.done:
+            if not flight.done:  # nothing to write: the failures alone
                 self.claimer.extend(batch, settling=True)
+                written, rejected, failed, retries = self._settle(batch, [], flight.failures)
+            else:  # mark, write, complete, fail and book in one transaction
                 written, rejected, failed, retries = self._settle(
-                    batch, flight.done, flight.failures
+                    batch, flight.done, flight.failures, book=book
                 )
-            else:  # the common batch: mark, write, complete and book in one transaction
-                written, rejected, failed, retries = self._settle(batch, flight.done, {}, book=book)
         except StaleClaimError:
             stats.stale_batches += 1
             logger.warning("a %d-row batch was taken over before it was written", len(batch))
@@ -499,20 +499,31 @@ class Worker:
         *,
         book: _Bookkeeping | None = None,
     ) -> tuple[int, int, int, int]:
-        """Record the failures, then write the records and complete their rows in one
-        transaction; return (written, rejected, failed, write transactions retried).
+        """Record the failures, write the records and complete their rows; return
+        (written, rejected, failed, write transactions retried).
 
-        With *book*, the batch is marked settling and its bookkeeping written in the
-        same round trips as the write (`Upserter.upsert_and_complete` with
-        ``settling`` and ``after``); *book* says whether the bookkeeping committed.
+        With *book*, the rows written are marked settling, and the failures and the
+        bookkeeping go into the write's transaction, in the same round trips
+        (`Upserter.upsert_and_complete` with ``settling`` and ``after``): one commit
+        for the whole batch where there were four (the mark, each error's fail(), the
+        write, the bookkeeping).  When the write cannot take its fast path (a retry),
+        the failures are recorded after it in their own transactions; *book* says
+        whether the bookkeeping committed with the write.  Without *book*, the failures
+        are recorded first.
 
         `Claimer.fail` is idempotent under the claim, so a retried fail() whose first
         commit landed does not abandon the rest of the batch.
         """
-        failed = 0
-        for error, claims in failures.items():
-            self.claimer.fail(claims, error)
-            failed += len(claims)
+        failed = sum(len(claims) for claims in failures.values())
+        failures_recorded = False
+
+        def record_failures(conn: psycopg.Connection[Any] | None = None) -> None:
+            for error, claims in failures.items():
+                self.claimer.fail(claims, error, conn=conn)
+
+        if book is None or not done:
+            record_failures()
+            failures_recorded = True
         if not done:
             return 0, 0, failed, 0
         records = [r for _, r in done if r is not None]
@@ -521,10 +532,15 @@ class Worker:
             if book is None:
                 report = self.upserter.upsert_and_complete(records, self.claimer, ok)
             else:
+
+                def after(conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
+                    record_failures(conn)
+                    book.write(conn, written, rejected, failed)
+
                 report = self.upserter.upsert_and_complete(
-                    records, self.claimer, ok, settling=True, after=book.write
+                    records, self.claimer, ok, settling=True, after=after
                 )
-                book.committed = report.after_committed
+                book.committed = failures_recorded = report.after_committed
         except StaleClaimError:
             raise
         except Exception as e:  # one record broke the write: isolate it, row by row
@@ -532,7 +548,11 @@ class Worker:
                 raise
             logger.error("a %d-row batch failed to write (%s): writing it row by row",
                          len(done), _error_text(e))  # fmt: skip
+            if not failures_recorded:
+                record_failures()
             return self._settle_one_by_one(batch, done, failed)
+        if not failures_recorded:
+            record_failures()
         return report.written, report.rejected, failed, report.retries
 
     def _settle_one_by_one(
@@ -666,8 +686,10 @@ class _Bookkeeping:
             "seconds": time.monotonic() - flight.started,
         }
 
-    def write(self, conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
-        conn.execute(self._worker._queries["record_batch"], self.figures(written, rejected, 0))
+    def write(
+        self, conn: psycopg.Connection[Any], written: int, rejected: int, failed: int = 0
+    ) -> None:
+        conn.execute(self._worker._queries["record_batch"], self.figures(written, rejected, failed))
 
 
 def _error_text(e: BaseException) -> str:
