@@ -550,3 +550,40 @@ def test_sigkill_mid_write_loses_nothing_and_writes_once(
         == n - 1
     )
     assert_no_leaks(citus_dsn)
+
+
+def test_dashboard_on_citus_agrees_with_the_plain_one(citus_dsn: str, dsn: str) -> None:
+    """sql/citus/0002 re-states zen_mv_dashboard without GROUPING SETS (which Citus
+    refuses); the two definitions must keep the same columns and the same figures."""
+    figures: list[dict[str, Any]] = []
+    for target in (dsn, citus_dsn):
+        seed(target, 30)
+        with (
+            Claimer(target, owner="dash", batch_size=10) as claimer,
+            Upserter(target, server_id="dash-server") as up,
+        ):
+            batch = claimer.claim()
+            recs = [
+                {"source_link": c.link, "source_id": c.id, "country_code": "ID",
+                 "emails": [f"{c.id}@dash.example"]}
+                for c in batch.claims
+            ]  # fmt: skip
+            up.upsert_and_complete(recs, claimer, batch)
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("SELECT zen_refresh_dashboard_v1()")
+            cur = conn.execute("SELECT * FROM zen_mv_dashboard")
+            names = [d.name for d in cur.description]
+            rows = cur.fetchall()
+            types = conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = 'zen_mv_dashboard'::regclass AND attnum > 0 "
+                "AND NOT attisdropped ORDER BY attnum"
+            ).fetchall()
+        assert len(rows) == 1
+        row = dict(zip(names, rows[0], strict=True))
+        row.pop("refreshed_at")
+        figures.append({"types": types, "row": row})
+    plain, citus = figures
+    assert citus["types"] == plain["types"]
+    assert citus["row"] == plain["row"]
+    assert plain["row"]["source_total"] == 30
