@@ -185,3 +185,67 @@ def test_old_upsert_keys_are_pruned_in_bounded_batches(
         assert up.prune_keys(older_than=timedelta(days=1), limit=3) == 1
         assert up.prune_keys(older_than=timedelta(days=1), limit=3) == 0
     assert _one(postgresql, "SELECT count(*) FROM zen_upsert_keys") == 1
+
+
+def test_after_statements_of_a_landed_write_are_reported_committed(
+    proxy: CommitProxy, proxied_dsn: str, dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    """The worker's bookkeeping rides in the write's transaction (``after=``). When that
+    commit lands and its acknowledgement is lost, the retry finds the batch done and
+    writes nothing: the report must say the *after* statements committed too, or the
+    worker books the batch a second time."""
+    postgresql.execute(
+        "INSERT INTO results (link, data) SELECT 'https://after/' || i, '{}' "
+        "FROM generate_series(1, 5) AS i"
+    )
+    postgresql.execute("CREATE TABLE after_marks (n integer)")
+    postgresql.commit()
+
+    def after(conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
+        conn.execute("INSERT INTO after_marks VALUES (%s)", (written,))
+
+    with (
+        Claimer(dsn, owner="w1", batch_size=5) as claimer,
+        Upserter(proxied_dsn, server_id="s", max_wait=0.05) as up,
+    ):
+        batch = claimer.claim()
+        recs = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
+        proxy.arm("drop_ack")
+        report = up.upsert_and_complete(recs, claimer, batch, after=after)
+    assert proxy.dropped.is_set() and report.already_committed
+    assert _one(postgresql, "SELECT count(*), sum(n) FROM after_marks") == (1, 5)
+    assert report.after_committed
+
+
+def test_a_lost_ack_of_the_settling_mark_does_not_stall_the_write(
+    proxy: CommitProxy, proxied_dsn: str, dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    """The worker's write pipelines the settling mark's COMMIT with the write's BEGIN:
+    the server's answer ends with ReadyForQuery *in transaction*, never idle.  A lost
+    acknowledgement there must still cut at once (the client then retries), not wait
+    for an idle ReadyForQuery that never comes."""
+    postgresql.execute(
+        "INSERT INTO results (link, data) SELECT 'https://mark/' || i, '{}' "
+        "FROM generate_series(1, 5) AS i"
+    )
+    postgresql.commit()
+    with (
+        Claimer(dsn, owner="w1", batch_size=5) as claimer,
+        Upserter(proxied_dsn, server_id="s", max_wait=0.05) as up,
+    ):
+        batch = claimer.claim()
+        recs = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
+        proxy.arm("drop_ack")
+        result: list[Any] = []
+        writer = threading.Thread(
+            target=lambda: result.append(
+                up.upsert_and_complete(recs, claimer, batch, settling=True)
+            )
+        )
+        writer.start()
+        wait_for(proxy.dropped.is_set, timeout=30)
+        writer.join(30)
+        assert not writer.is_alive()
+    assert result and result[0].retries == 1 and not result[0].already_committed
+    assert _one(postgresql, "SELECT count(*), sum(scrape_count) FROM zen_contacts") == (5, 5)
+    assert _one(postgresql, "SELECT count(*) FROM results WHERE status = 'done'") == 5

@@ -645,6 +645,18 @@ class Upserter:
         attempts = 0
         # A plain upsert's idempotency key: the same in every attempt of this call.
         key = uuid.uuid4() if batch is None else None
+        # Whether *after* ran in the fast attempt's transaction: if a retry then finds
+        # the batch done, that transaction committed, and *after*'s statements with it.
+        after_ran = False
+        hooked = None
+        if after is not None:
+            run_after = after
+
+            def hooked(conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
+                nonlocal after_ran
+                run_after(conn, written, rejected)
+                after_ran = True
+
         for attempt in retrying:
             with attempt:
                 attempts += 1
@@ -653,7 +665,7 @@ class Upserter:
                         try:
                             fast = self._write_fast(
                                 conn, prepared, key=key, claimer=claimer, batch=batch,
-                                settling=settling, after=after,
+                                settling=settling, after=hooked,
                             )  # fmt: skip
                         except psycopg.Error as e:
                             # In pipeline mode the settle functions' ZC002 may surface at
@@ -680,6 +692,7 @@ class Upserter:
                                 prepared, _Written(0, 1, []), retries=attempts - 1
                             )
                             report.already_committed = True
+                            report.after_committed = after_ran
                             return report
                         written = self._write(conn, prepared, key=key)
                         if written.already_committed:

@@ -5,9 +5,11 @@ forwards every byte both ways until armed.  Armed with a mode, the next ``COMMIT
 connection sends is handled so:
 
 - ``drop_ack``: the COMMIT is forwarded, the proxy waits until the server has answered
-  (``ReadyForQuery``: the commit landed), then cuts the client's connection without
-  passing the answer on.  The client sees a broken connection with its commit's outcome
-  unknown, exactly as when a network or a PgBouncer dies at that moment;
+  (its next ``ReadyForQuery``, idle or, when the COMMIT was pipelined with the next
+  transaction's BEGIN, in transaction: the commit landed), then cuts the client's
+  connection without passing the answer on.  The client sees a broken connection
+  with its commit's outcome unknown, exactly as when a network or a PgBouncer dies at
+  that moment;
 - ``cut``: the COMMIT is never forwarded and both sides are cut: the server rolls the
   transaction back, the client again does not know.
 
@@ -28,7 +30,7 @@ import threading
 import time
 from typing import Literal
 
-__all__ = ["COMMIT_MESSAGE", "COMMIT_PARSE", "READY_IDLE", "CommitProxy", "Mode"]
+__all__ = ["COMMIT_MESSAGE", "COMMIT_PARSE", "READY", "READY_IDLE", "CommitProxy", "Mode"]
 
 #: The simple-protocol Query message psycopg sends for COMMIT.
 COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
@@ -36,6 +38,8 @@ COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
 COMMIT_PARSE = b"P\x00\x00\x00\x0e\x00COMMIT\x00"
 #: ReadyForQuery, idle: the server's last message after a successful COMMIT.
 READY_IDLE = b"Z\x00\x00\x00\x05I"
+#: ReadyForQuery of any transaction status (the status byte follows).
+READY = b"Z\x00\x00\x00\x05"
 
 Mode = Literal["drop_ack", "cut"]
 
@@ -125,7 +129,8 @@ class CommitProxy:
             while data := server.recv(65536):
                 if mode:
                     swallowed += data
-                    if READY_IDLE in swallowed:  # COMMIT answered: it landed
+                    at = swallowed.find(READY)
+                    if at >= 0 and len(swallowed) > at + len(READY):  # COMMIT answered
                         self.dropped.set()
                         break
                     continue
