@@ -598,8 +598,9 @@ class Upserter:
         the write).  *after* (``after(conn, written, rejected)``) runs more statements
         in the write's transaction just before its commit (the worker's bookkeeping);
         ``report.after_committed`` says whether they committed with the write (only on
-        the fast path: a first attempt on an idle direct connection; otherwise they are
-        not run, and the caller runs its bookkeeping itself).  On that path the whole
+        the fast path: a first attempt on an idle direct connection, including when a
+        retry finds that attempt's commit landed; otherwise they are not run, and the
+        caller runs its bookkeeping itself).  On that path the whole
         call is two round trips plus the pool's check (docs/upserting.md).
         """
         if not batch.claims:
