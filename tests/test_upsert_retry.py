@@ -10,6 +10,7 @@ as when a network or a PgBouncer dies at that moment, and retries.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,7 +22,7 @@ from helpers import wait_for
 from psycopg.conninfo import make_conninfo
 
 from zenpipe.bench.proxy import CommitProxy
-from zenpipe.claim import Claimer
+from zenpipe.claim import Batch, Claimer
 from zenpipe.upsert import Upserter
 
 
@@ -90,20 +91,34 @@ def test_lost_commit_ack_parallel_groups_count_once(
     assert _one(postgresql, "SELECT count(*), sum(scrape_count) FROM zen_contacts") == (200, 200)
 
 
-def test_lost_commit_ack_upsert_and_complete_writes_once(
-    proxy: CommitProxy, proxied_dsn: str, dsn: str, postgresql: psycopg.Connection[Any]
-) -> None:
+@contextlib.contextmanager
+def _claimed_batch(
+    postgresql: psycopg.Connection[Any], dsn: str, proxied_dsn: str, prefix: str, n: int
+) -> Iterator[tuple[Claimer, Upserter, Batch, list[dict[str, Any]]]]:
+    """*n* new rows claimed on a direct connection, an upserter behind the proxy, and
+    the batch's records."""
     postgresql.execute(
-        "INSERT INTO results (link, data) SELECT 'https://uc/' || i, '{}' "
-        "FROM generate_series(1, 10) AS i"
+        "INSERT INTO results (link, data) SELECT %s || i, '{}' FROM generate_series(1, %s) AS i",
+        (prefix, n),
     )
     postgresql.commit()
     with (
-        Claimer(dsn, owner="w1", batch_size=10) as claimer,
+        Claimer(dsn, owner="w1", batch_size=n) as claimer,
         Upserter(proxied_dsn, server_id="s", max_wait=0.05) as up,
     ):
         batch = claimer.claim()
-        recs = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
+        yield claimer, up, batch, [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
+
+
+def test_lost_commit_ack_upsert_and_complete_writes_once(
+    proxy: CommitProxy, proxied_dsn: str, dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    with _claimed_batch(postgresql, dsn, proxied_dsn, "https://uc/", 10) as (
+        claimer,
+        up,
+        batch,
+        recs,
+    ):
         recs.append({"source_link": "https://uc/bad", "latitude": 100.0})
         proxy.arm("drop_ack")
         report = up.upsert_and_complete(recs, claimer, batch)
@@ -194,22 +209,18 @@ def test_after_statements_of_a_landed_write_are_reported_committed(
     commit lands and its acknowledgement is lost, the retry finds the batch done and
     writes nothing: the report must say the *after* statements committed too, or the
     worker books the batch a second time."""
-    postgresql.execute(
-        "INSERT INTO results (link, data) SELECT 'https://after/' || i, '{}' "
-        "FROM generate_series(1, 5) AS i"
-    )
     postgresql.execute("CREATE TABLE after_marks (n integer)")
     postgresql.commit()
 
     def after(conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
         conn.execute("INSERT INTO after_marks VALUES (%s)", (written,))
 
-    with (
-        Claimer(dsn, owner="w1", batch_size=5) as claimer,
-        Upserter(proxied_dsn, server_id="s", max_wait=0.05) as up,
+    with _claimed_batch(postgresql, dsn, proxied_dsn, "https://after/", 5) as (
+        claimer,
+        up,
+        batch,
+        recs,
     ):
-        batch = claimer.claim()
-        recs = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
         proxy.arm("drop_ack")
         report = up.upsert_and_complete(recs, claimer, batch, after=after)
     assert proxy.dropped.is_set() and report.already_committed
@@ -224,17 +235,12 @@ def test_a_lost_ack_of_the_settling_mark_does_not_stall_the_write(
     the server's answer ends with ReadyForQuery *in transaction*, never idle.  A lost
     acknowledgement there must still cut at once (the client then retries), not wait
     for an idle ReadyForQuery that never comes."""
-    postgresql.execute(
-        "INSERT INTO results (link, data) SELECT 'https://mark/' || i, '{}' "
-        "FROM generate_series(1, 5) AS i"
-    )
-    postgresql.commit()
-    with (
-        Claimer(dsn, owner="w1", batch_size=5) as claimer,
-        Upserter(proxied_dsn, server_id="s", max_wait=0.05) as up,
+    with _claimed_batch(postgresql, dsn, proxied_dsn, "https://mark/", 5) as (
+        claimer,
+        up,
+        batch,
+        recs,
     ):
-        batch = claimer.claim()
-        recs = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
         proxy.arm("drop_ack")
         result: list[Any] = []
         writer = threading.Thread(
