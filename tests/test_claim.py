@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from zenpipe import cli
 from zenpipe.claim import Batch, Claimer, claim_lock_key, requeue
 from zenpipe.errors import StaleClaimError
+from zenpipe.keys import hashtext, partition_of
 from zenpipe.locks import NAMESPACE_CLAIM
 from zenpipe.queries import load
 
@@ -252,7 +253,7 @@ def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> N
     assert_no_leaks(dsn)
 
 
-def _plan(dsn: str, drop_indexes: bool) -> dict[str, Any]:
+def _plan(dsn: str, drop_indexes: bool, affine: bool = False) -> dict[str, Any]:
     fill(dsn, 5000)
     with psycopg.connect(dsn) as conn:
         if drop_indexes:
@@ -267,6 +268,7 @@ def _plan(dsn: str, drop_indexes: bool) -> dict[str, Any]:
             "source": "auto",
             "after_priority": None,
             "after_id": None,
+            "affine": affine,
         }
         got = conn.execute(stmt, params).fetchone()
         conn.rollback()
@@ -281,13 +283,16 @@ def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
+@pytest.mark.parametrize("affine", [False, True], ids=["window order", "partition affinity"])
 @pytest.mark.parametrize("drop_indexes", [False, True])
-def test_claim_plan_locks_only_inside_the_fenced_cte(dsn: str, drop_indexes: bool) -> None:
+def test_claim_plan_locks_only_inside_the_fenced_cte(
+    dsn: str, drop_indexes: bool, affine: bool
+) -> None:
     """EXPLAIN ANALYZE pins the shape: the lock function runs in exactly one node, a CTE
     Scan over the materialized, LIMITed candidates, right under the batch LIMIT, and was
     called no more often than there are candidates; the candidate scan uses
     results_pending_idx (or, without it, a top-N sort)."""
-    plan = _plan(dsn, drop_indexes)
+    plan = _plan(dsn, drop_indexes, affine)
     nodes = list(_nodes(plan))
     lockers = [n for n in nodes if "pg_try_advisory_xact_lock" in n.get("Filter", "")]
     assert len(lockers) == 1
@@ -300,18 +305,122 @@ def test_claim_plan_locks_only_inside_the_fenced_cte(dsn: str, drop_indexes: boo
     # No other node anywhere mentions the lock function (no plan reaches it unfenced).
     text = json.dumps([{k: v for k, v in n.items() if k != "Plans"} for n in nodes])
     assert text.count("pg_try_advisory_xact_lock") == 1
+    # The window is read and LIMITed in a CTE of its own; candidates only reorders it
+    # (by partition, with affinity) and reads no table.
+    scanned = next(n for n in nodes if n.get("Subplan Name") == "CTE scanned")
+    assert scanned["Node Type"] == "Limit"
     candidates = next(n for n in nodes if n.get("Subplan Name") == "CTE candidates")
-    assert candidates["Node Type"] == "Limit"
+    assert not [n for n in _nodes(candidates) if "Relation Name" in n]
     # The expired leases are read in a CTE of their own (claimed before pending rows).
     expired = next(n for n in nodes if n.get("Subplan Name") == "CTE expired")
-    scans = {
-        n.get("Index Name") or n["Node Type"] for c in (candidates, expired) for n in _nodes(c)
-    }
+    scans = {n.get("Index Name") or n["Node Type"] for c in (scanned, expired) for n in _nodes(c)}
     if drop_indexes:
         assert "Seq Scan" in scans and "results_pending_idx" not in scans
     else:
         assert {"results_pending_idx", "results_lease_idx"} <= scans
         assert "Seq Scan" not in scans
+
+
+# -- partition affinity -------------------------------------------------------------------
+
+
+def _affine_order(ids: list[int], links: list[str], window: int) -> list[int]:
+    """The order an affine claim tries the first *window* candidates in, computed here
+    from zenpipe.keys: partition by partition, the first candidate's partition first,
+    each partition's rows in window order."""
+    first: dict[int, int] = {}
+    tagged = []
+    for pos, (rid, link) in enumerate(zip(ids[:window], links[:window], strict=True)):
+        part = partition_of(hashtext(link))
+        first.setdefault(part, pos)
+        tagged.append((first[part], pos, rid))
+    return [rid for _, _, rid in sorted(tagged)]
+
+
+def test_partition_of_is_the_leaf_postgresql_routes_to(dsn: str) -> None:
+    """zen_partition_of_v1 (the affine claim's grouping) names the same leaf as
+    PostgreSQL's hash routing of zen_contacts and as zenpipe.keys, for every link."""
+    links = [f"https://maps.example.com/place/{n}?q=\u00e9{n * 7919}" for n in range(3000)]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT l, zen_partition_of_v1(l), "
+            "       satisfies_hash_partition('zen_contacts'::regclass, 32,"
+            "                                zen_partition_of_v1(l), hashtext(l)) "
+            "FROM unnest(%s::text[]) AS l",
+            (links,),
+        ).fetchall()
+    assert all(routed for _, _, routed in rows)
+    assert {link: part for link, part, _ in rows} == {
+        link: partition_of(hashtext(link)) for link in links
+    }
+    assert len({part for _, part, _ in rows}) == 32
+
+
+def test_affine_claim_takes_its_window_partition_by_partition(dsn: str) -> None:
+    """With partition_affinity the batch is the window (8 x 50 candidates) tried
+    partition by partition, the oldest row's first: exactly the rows computed here, the
+    oldest among them, spanning a few leaves where a plain claim spans nearly all."""
+    ids = fill(dsn, 1000)
+    links = [f"https://maps.example.com/{g}" for g in range(1, 1001)]
+    with Claimer(dsn, owner="plain", batch_size=50) as plain:
+        batch = plain.claim()
+        assert batch.ids == ids[:50]
+        spread = {partition_of(hashtext(c.link)) for c in batch.claims}
+        plain.release(batch)
+    with Claimer(dsn, owner="affine", batch_size=50, partition_affinity=8) as affine:
+        batch = affine.claim()
+        expected = _affine_order(ids, links, 400)[:50]
+        assert sorted(batch.ids) == sorted(expected)
+        assert ids[0] in batch.ids
+        parts = {partition_of(hashtext(c.link)) for c in batch.claims}
+        assert len(parts) <= 6
+        assert len(spread) >= 20
+        # the next claim goes on from the rows left: the oldest of them comes first
+        second = affine.claim()
+        left = [i for i in ids if i not in set(batch.ids)]
+        assert left[0] in second.ids
+        assert not set(second.ids) & set(batch.ids)
+
+
+def test_affine_claim_keeps_priority_order(dsn: str) -> None:
+    """Affinity groups partitions within a priority, never across: every row of the
+    higher priority in the window comes before any row of the lower one."""
+    low = fill(dsn, 300)
+    high = fill(dsn, 30, priority=5)
+    with Claimer(dsn, owner="affine", batch_size=50, partition_affinity=8) as affine:
+        batch = affine.claim()
+    assert set(high) <= set(batch.ids)
+    assert len(set(batch.ids) & set(low)) == 20
+
+
+def test_concurrent_affine_claims_share_no_row_and_no_lock(dsn: str) -> None:
+    """Two affine claims in open transactions (their advisory locks held): the second
+    skips the rows the first locked and takes the next ones in affine order; neither
+    holds a lock beyond its rows."""
+    ids = fill(dsn, 600)
+    links = [f"https://maps.example.com/{g}" for g in range(1, 601)]
+    with (
+        psycopg.connect(dsn) as a,
+        psycopg.connect(dsn) as b,
+        psycopg.connect(dsn, autocommit=True) as monitor,
+        Claimer(dsn, owner="a", batch_size=40, partition_affinity=8) as ca,
+        Claimer(dsn, owner="b", batch_size=40, partition_affinity=8) as cb,
+    ):
+        first = ca.claim(conn=a)
+        second = cb.claim(conn=b)
+        order = _affine_order(ids, links, 320)
+        assert sorted(first.ids) == sorted(order[:40])
+        # b's window is the pending rows b's snapshot sees (a has not committed): the
+        # same window, whose first 40 in affine order a holds locks on
+        assert sorted(second.ids) == sorted(order[40:80])
+        pid_a = a.execute("SELECT pg_backend_pid()").fetchone()
+        pid_b = b.execute("SELECT pg_backend_pid()").fetchone()
+        assert pid_a is not None and pid_b is not None
+        assert claim_locks(monitor, pid_a[0]) == 40
+        assert claim_locks(monitor, pid_b[0]) == 40
+        a.commit()
+        b.commit()
+    assert_no_leaks(dsn)
 
 
 # -- leases -------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def _normalized(text: str) -> str:
 
 
 def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
-    """zen_claim_v1 spells claim_lock with variables for parameters: the two agree, so
+    """zen_claim_v2 spells claim_lock with variables for parameters: the two agree, so
     the plan test of claim_lock (test_claim.py) pins the function's first statement."""
     lock = load("claim")["claim_lock"].as_string()
     for param, var in (
@@ -139,10 +139,11 @@ def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
         ("%(batch)s::integer", "p_batch"),
         ("%(scan)s", "p_scan"),
         ("%(namespace)s", "p_namespace"),
+        ("%(affine)s::boolean", "p_affine"),
     ):
         lock = lock.replace(param, var)
     lock_ctes = _normalized(lock).split(" SELECT (SELECT coalesce")[0]
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v1'").fetchone()
+        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v2'").fetchone()
     assert row is not None
     assert lock_ctes in _normalized(row[0])

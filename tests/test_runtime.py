@@ -282,6 +282,22 @@ def test_a_bad_target_is_refused_before_any_process_starts(
     assert one(dsn, "SELECT count(*) FROM zen_servers") == 0
 
 
+def test_a_negative_affinity_is_refused_before_any_process_starts(dsn: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    done = subprocess.run(
+        [sys.executable, "-m", "zenpipe", "worker", "runtime_enrich:enrich", "--dsn", dsn,
+         "--affinity", "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done
+    assert "--affinity must be 0 (off) or more, got -1" in done.stderr
+    assert one(dsn, "SELECT count(*) FROM zen_servers") == 0
+
+
 def test_worker_without_a_database_refuses(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ZENPIPE_DSN"}
     done = subprocess.run(

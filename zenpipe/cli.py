@@ -22,6 +22,7 @@ from .citus import ThrowawayCitus
 from .embedded import ThrowawayPostgres
 from .errors import ZenpipeError
 from .queries import load
+from .worker import PARTITION_AFFINITY
 
 __all__ = ["main"]
 
@@ -410,6 +411,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _affinity_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--affinity",
+        type=int,
+        default=PARTITION_AFFINITY,
+        metavar="K",
+        help=f"claim from a window of K x batch rows, partition by partition of zen_contacts "
+        f"(cheaper merges; 0: plain priority-then-age order; default {PARTITION_AFFINITY})",
+    )
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
@@ -456,6 +468,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         servers=args.servers,
         workers=args.workers,
         batch=args.batch,
+        affinity=args.affinity,
         lease=args.lease,
         max_attempts=args.max_attempts,
         seed=args.seed,
@@ -511,6 +524,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--workers", type=int, default=6,
                    help="worker processes per server (default 6)")  # fmt: skip
     p.add_argument("--batch", type=int, default=100, help="rows per claim (default 100)")
+    _affinity_argument(p)
     p.add_argument("--lease", type=float, default=4.0, help="lease seconds (default 4)")
     p.add_argument("--max-attempts", type=int, default=5, help="claims before a row is parked")
     p.add_argument("--seed", type=int, default=11, help="data and chaos seed")
@@ -585,6 +599,7 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             max_attempts=args.max_attempts,
             idle_sleep=args.idle_sleep,
             concurrency=args.concurrency,
+            partition_affinity=args.affinity,
             grace=args.grace,
         )
         return Supervisor(
@@ -606,6 +621,7 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--dsn", help="libpq connection string (default: $ZENPIPE_DSN; required)")
     p.add_argument("--processes", type=int, default=1, help="worker processes")
     p.add_argument("--batch", type=int, default=100, help="rows per claim")
+    _affinity_argument(p)
     p.add_argument("--lease", type=float, default=300.0, help="seconds a claim holds its rows")
     p.add_argument(
         "--max-attempts",

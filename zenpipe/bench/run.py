@@ -37,6 +37,7 @@ from .. import schema
 from ..embedded import ThrowawayPostgres
 from ..produce import Producer
 from ..queries import load
+from ..worker import PARTITION_AFFINITY
 from . import data as bench_data
 from .faults import KINDS, RATE_KINDS, FaultLog, Schedule, children, signal_all
 from .invariants import ClaimRecord, RunFacts, Violation, check
@@ -60,6 +61,8 @@ class BenchConfig:
     servers: int = 10
     workers: int = 6
     batch: int = 100
+    #: Claimer partition_affinity of every worker (0: claims in plain order).
+    affinity: int = PARTITION_AFFINITY
     lease: float = 4.0
     max_attempts: int = 5
     seed: int = 11
@@ -344,6 +347,7 @@ def _run_on(
                 "index": 0,
                 "target": "zenpipe.bench.enrich:enrich",
                 "batch_size": config.batch,
+                "partition_affinity": config.affinity,
                 "lease_seconds": config.lease,
                 "max_attempts": None,  # the bench's zen_settings decide
                 "idle_sleep": 0.2,

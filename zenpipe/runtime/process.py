@@ -40,7 +40,7 @@ import psycopg
 from ..config import Settings
 from ..errors import ConfigError, ZenpipeError
 from ..pool import ZenPool
-from ..worker import Enrich, Worker
+from ..worker import PARTITION_AFFINITY, Enrich, Worker
 from .target import resolve
 
 __all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "ProcessSpec", "main", "run_process"]
@@ -68,6 +68,8 @@ class ProcessSpec:
     max_attempts: int | None = None
     idle_sleep: float = 1.0
     concurrency: int = 1
+    #: `Claimer` partition_affinity of the process's Worker (0: plain order).
+    partition_affinity: int = PARTITION_AFFINITY
     grace: float = 30.0
     #: The process exits (gracefully) when its parent pid is no longer this one.
     supervisor_pid: int = 0
@@ -130,6 +132,7 @@ def _worker_kwargs(spec: ProcessSpec) -> dict[str, Any]:
         "idle_sleep": spec.idle_sleep,
     }
     kwargs["concurrency"] = spec.concurrency
+    kwargs["partition_affinity"] = spec.partition_affinity
     if spec.on_event:
         kwargs["on_event"] = resolve(spec.on_event)
     return kwargs

@@ -119,6 +119,10 @@ class Supervisor:
             (spec.grace >= 0, f"--grace must not be negative, got {spec.grace}"),
             (spec.concurrency >= 1, f"--concurrency must be at least 1, got {spec.concurrency}"),
             (
+                spec.partition_affinity >= 0,
+                f"--affinity must be 0 (off) or more, got {spec.partition_affinity}",
+            ),
+            (
                 spec.max_attempts is None or spec.max_attempts >= 1,
                 f"--max-attempts must be at least 1, got {spec.max_attempts}",
             ),
