@@ -84,6 +84,10 @@ WHERE key IN (SELECT k.key
 -- arrays inside a savepoint. The conflict target is the table's unique (source_link,
 -- partition_key); DO UPDATE SET uses only IMMUTABLE subquery-free functions and
 -- EXCLUDED (Citus), never touches the distribution column, and sets updated_at itself.
+-- The arrays' two common cases, nothing new (an empty or contained array: the union is
+-- the stored array), are decided inline, where they cost about 0.3 us a row: the SQL
+-- function zen_array_union_v1 is not inlinable (its union is a subquery) and costs
+-- about 8 us a call even when it returns at once (100,000 calls, PostgreSQL 15).
 -- Each observation slot holds the record's time for the columns it carries, NULL for
 -- the others; zen_pick_v1 keeps the newest observation per column. A record without
 -- observed_at is observed at the database clock (zen_clock_us_v1, in the inserted
@@ -269,9 +273,12 @@ ON CONFLICT (source_link, partition_key) DO UPDATE SET
     scrape_status = zen_pick_v1(c.scrape_status, c.observed_us[42], EXCLUDED.scrape_status, EXCLUDED.observed_us[42]),
     scrape_error = zen_pick_v1(c.scrape_error, c.observed_us[43], EXCLUDED.scrape_error, EXCLUDED.observed_us[43]),
     last_scrape_server = zen_pick_v1(c.last_scrape_server, c.observed_us[44], EXCLUDED.last_scrape_server, EXCLUDED.observed_us[44]),
-    emails = zen_array_union_v1(c.emails, EXCLUDED.emails),
-    phones = zen_array_union_v1(c.phones, EXCLUDED.phones),
-    whatsapp = zen_array_union_v1(c.whatsapp, EXCLUDED.whatsapp),
+    emails = CASE WHEN cardinality(EXCLUDED.emails) = 0 OR c.emails @> EXCLUDED.emails THEN c.emails
+             ELSE zen_array_union_v1(c.emails, EXCLUDED.emails) END,
+    phones = CASE WHEN cardinality(EXCLUDED.phones) = 0 OR c.phones @> EXCLUDED.phones THEN c.phones
+             ELSE zen_array_union_v1(c.phones, EXCLUDED.phones) END,
+    whatsapp = CASE WHEN cardinality(EXCLUDED.whatsapp) = 0 OR c.whatsapp @> EXCLUDED.whatsapp THEN c.whatsapp
+               ELSE zen_array_union_v1(c.whatsapp, EXCLUDED.whatsapp) END,
     observed_us = ARRAY[
         greatest(c.observed_us[1], EXCLUDED.observed_us[1]),
         greatest(c.observed_us[2], EXCLUDED.observed_us[2]),
