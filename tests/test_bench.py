@@ -14,7 +14,7 @@ import pytest
 
 from zenpipe.bench import BenchConfig, data, run
 from zenpipe.bench.enrich import build_record
-from zenpipe.bench.faults import KINDS, RATE_KINDS
+from zenpipe.bench.faults import KINDS, RATE_KINDS, Schedule
 from zenpipe.bench.invariants import INVARIANTS
 from zenpipe.bench.report import render
 from zenpipe.embedded import ThrowawayPostgres
@@ -82,6 +82,21 @@ def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_a_fault_that_found_nothing_to_hit_is_due_again_soon() -> None:
+    """A kind due while it has no target (the fleet not started yet, the database
+    restarting) is retried half a second later, not a whole gap of its rate later: at
+    0.05/s a missed first pg_terminate_backend left a 5,000-row chaos run (faster since
+    partition-affine claims) without any (`.ci/run`: 'terminate_backends': 0)."""
+    schedule = Schedule(dict.fromkeys(RATE_KINDS, 0.05), seed=11)
+    due = schedule.due(60.0)
+    assert sorted(due) == sorted(RATE_KINDS)  # every first fault is due by then
+    schedule.missed("terminate_backends", 60.0)
+    assert schedule.due(60.4) == []
+    assert schedule.due(60.5) == ["terminate_backends"]
+    # once hit, the kind waits for its rate's gap again (no storm of retries)
+    assert "terminate_backends" not in schedule.due(61.0)
+
+
 def test_chaos_run_counts_every_fault_kind_and_keeps_every_invariant() -> None:
     """The CI configuration of issue 11: 2 servers x 2 workers, 5,000 rows, every fault
     kind on, every invariant holding.  The rates are per second and the first fault of

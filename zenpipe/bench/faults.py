@@ -84,6 +84,12 @@ class Schedule:
                 self._next[kind] = now + self._rng.expovariate(self.rates[kind])
         return out
 
+    def missed(self, kind: str, now: float, retry: float = 0.5) -> None:
+        """*kind* was due at *now* but found nothing to hit (no worker started yet, a
+        server down, the database restarting): due again after *retry* seconds, not
+        after a whole gap of the rate, so a short run still gets every kind."""
+        self._next[kind] = min(self._next[kind], now + retry)
+
     def choice(self, items: list[int]) -> int:
         return self._rng.choice(items)
 

@@ -368,7 +368,8 @@ def _run_on(
     def alive(s: _Server) -> bool:
         return s.proc is not None and s.proc.poll() is None
 
-    def inject(kind: str, t: float) -> None:
+    def inject(kind: str, t: float) -> bool:
+        """Inject one fault of *kind*; False when it found nothing to hit."""
         nonlocal processes_killed
         running = [s for s in servers if alive(s) and s.stopped_until is None]
         if kind == "kill_workers" and running:
@@ -380,6 +381,7 @@ def _run_on(
                 if signal_all([pid], signal.SIGKILL):
                     processes_killed += 1
                     faults.add(kind, t, f"server {s.index}: worker pid {pid}")
+                    return True
         elif kind == "kill_servers" and running:
             s = servers[schedule.choice([x.index for x in running])]
             assert s.proc is not None
@@ -389,22 +391,29 @@ def _run_on(
             processes_killed += len(kids)
             s.restart_at = time.monotonic() + 0.5
             faults.add(kind, t, f"server {s.index}: supervisor and {len(kids)} workers")
+            return True
         elif kind == "stop_servers" and running and all(x.stopped_until is None for x in servers):
             s = servers[schedule.choice([x.index for x in running])]
             assert s.proc is not None
             signal_all([s.proc.pid, *children(s.proc.pid)], signal.SIGSTOP)
             s.stopped_until = time.monotonic() + config.lease * 1.5
             faults.add(kind, t, f"server {s.index} for {config.lease * 1.5:.1f} s")
+            return True
         elif kind == "terminate_backends":
+            hit = False
             try:
                 pids = [r[0] for r in sampler.conn().execute(q["zenpipe_backends"], {"n": 3})]
                 for pid in pids:
                     sampler.conn().execute(q["terminate"], {"pid": pid})
                     faults.add(kind, t, f"backend {pid}")
+                    hit = True
             except psycopg.Error:
                 sampler.close()
+            return hit
         elif kind in ("drop_commit_acks", "cut_before_commit") and proxy and proxy.armed < 2:
             proxy.arm("drop_ack" if kind == "drop_commit_acks" else "cut")
+            return True
+        return False
 
     for s in servers:
         spawn(s)
@@ -431,7 +440,8 @@ def _run_on(
                 if s.restart_at is not None and now >= s.restart_at:
                     spawn(s)
             for kind in schedule.due(t):
-                inject(kind, t)
+                if not inject(kind, t):
+                    schedule.missed(kind, t)
             if (
                 config.restart_postgres
                 and not restarted_pg
