@@ -200,22 +200,29 @@ def test_empty_claim_tells_contended_from_empty(dsn: str) -> None:
     assert_no_leaks(dsn)
 
 
+def _in_progress_take(dsn: str, ids: list[int]) -> psycopg.Connection[Any]:
+    """Another worker takes *ids* but has not committed yet (no advisory lock: the same
+    thing happens when its claim commits between our snapshot and our locks)."""
+    other = psycopg.connect(dsn)
+    other.execute(
+        "UPDATE results SET status = 'claimed', claim_owner = 'other', claim_token = -1, "
+        "lease_until = now() + interval '1 hour' WHERE id = ANY(%s)",
+        (ids,),
+    )
+    return other
+
+
 def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> None:
     """The snapshot race: rows that look pending to the claim statement are claimed by a
     transaction that commits after the statement's snapshot. The statement locks them,
     its re-check skips them, and the claimer rolls back to its savepoint (releasing those
-    locks) and claims again, so it still holds exactly one lock per row returned."""
+    locks) and claims again, so it still holds exactly one lock per row returned. The
+    batch (25) needs more rows than the window has that nobody is taking (20), so the
+    busy rows are locked too (they come last, test below)."""
     ids = fill(dsn, 30)
-    other = psycopg.connect(dsn)
-    # Another worker takes rows 1..10 but has not committed yet (no advisory lock: the
-    # same thing happens when its claim commits between our snapshot and our locks).
-    other.execute(
-        "UPDATE results SET status = 'claimed', claim_owner = 'other', claim_token = -1, "
-        "lease_until = now() + interval '1 hour' WHERE id = ANY(%s)",
-        (ids[:10],),
-    )
+    other = _in_progress_take(dsn, ids[:10])
     result: dict[str, Any] = {}
-    with Claimer(dsn, owner="racer", batch_size=15) as racer:
+    with Claimer(dsn, owner="racer", batch_size=25) as racer:
         conn = psycopg.connect(dsn)
         racer_pid = conn.info.backend_pid
 
@@ -245,11 +252,42 @@ def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> N
             assert "error" not in result
             batch: Batch = result["batch"]
             assert racer.race_rollbacks >= 1
-            assert batch.ids == ids[10:25]
-            assert claim_locks(monitor, racer_pid) == len(batch) == 15
+            assert batch.ids == ids[10:30]
+            assert claim_locks(monitor, racer_pid) == len(batch) == 20
         conn.commit()
         conn.close()
     other.close()
+    assert_no_leaks(dsn)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_rows_another_transaction_is_taking_are_tried_last(dsn: str, affine: bool) -> None:
+    """Migration 0019: the oldest rows of the window are being taken by a transaction
+    that has not committed (their visible version carries its xmax). The claim locks the
+    rows behind them instead: no wait on that transaction's row locks, no race, exactly
+    the next rows. Before, it locked the busy rows first, waited for their taker and,
+    once that committed, rolled back and claimed again."""
+    ids = fill(dsn, 30)
+    other = _in_progress_take(dsn, ids[:10])
+    try:
+        with Claimer(dsn, owner="polite", batch_size=15,
+                     partition_affinity=8 if affine else 0) as claimer:  # fmt: skip
+            with psycopg.connect(dsn) as conn:
+                conn.execute("SET lock_timeout = '20s'")  # a wait would fail, not hang
+                batch = claimer.claim(conn=conn)
+                with psycopg.connect(dsn, autocommit=True) as monitor:
+                    assert claim_locks(monitor, conn.info.backend_pid) == len(batch) == 15
+                conn.commit()
+            assert claimer.race_rollbacks == 0
+            if not affine:
+                assert batch.ids == ids[10:25]
+            assert set(batch.ids) <= set(ids[10:])
+        other.rollback()
+        # once their taker is gone they are plain pending rows again, oldest first
+        with Claimer(dsn, owner="next", batch_size=5) as claimer:
+            assert claimer.claim().ids == ids[:5]
+    finally:
+        other.close()
     assert_no_leaks(dsn)
 
 
@@ -411,8 +449,13 @@ def test_concurrent_affine_claims_share_no_row_and_no_lock(dsn: str) -> None:
         order = _affine_order(ids, links, 320)
         assert sorted(first.ids) == sorted(order[:40])
         # b's window is the pending rows b's snapshot sees (a has not committed): the
-        # same window, whose first 40 in affine order a holds locks on
-        assert sorted(second.ids) == sorted(order[40:80])
+        # same window, whose first 40 in affine order a is taking. Those are busy (their
+        # visible version carries a's xmax, migration 0019) and tried after the others:
+        # b takes the first 40 of the rest of the window, in affine order
+        rest = [(i, link) for i, link in zip(ids[:320], links[:320], strict=True)
+                if i not in set(first.ids)]  # fmt: skip
+        rest_order = _affine_order([i for i, _ in rest], [link for _, link in rest], len(rest))
+        assert sorted(second.ids) == sorted(rest_order[:40])
         pid_a = a.execute("SELECT pg_backend_pid()").fetchone()
         pid_b = b.execute("SELECT pg_backend_pid()").fetchone()
         assert pid_a is not None and pid_b is not None

@@ -128,7 +128,7 @@ def _normalized(text: str) -> str:
 
 
 def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
-    """zen_claim_v2 spells claim_lock with variables for parameters: the two agree, so
+    """zen_claim_v3 spells claim_lock with variables for parameters: the two agree, so
     the plan test of claim_lock (test_claim.py) pins the function's first statement."""
     lock = load("claim")["claim_lock"].as_string()
     for param, var in (
@@ -144,6 +144,6 @@ def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
         lock = lock.replace(param, var)
     lock_ctes = _normalized(lock).split(" SELECT (SELECT coalesce")[0]
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v2'").fetchone()
+        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v3'").fetchone()
     assert row is not None
     assert lock_ctes in _normalized(row[0])
