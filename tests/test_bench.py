@@ -216,3 +216,17 @@ def test_compare_reports_ratios_and_the_seed_patterns_violations(
         assert b["rows_per_s"] > 0 and b["zenpipe_ratio"] > 0 and not b["crashed"]
     seed_broken = {v["name"] for v in by["seed"]["violations"]}
     assert {"no_effect_applied_twice", "rejects_exactly_once"} <= seed_broken
+
+
+def test_the_crash_safe_floor_settles_every_row_once_per_link(pg_server: ThrowawayPostgres) -> None:
+    """benchmarks/bench_floor.py's loop (claim with a committed lease, write, settle under
+    the token, in the server alone), two sessions at once: every source row done, one
+    contact per good link, each contact counting its scrapes."""
+    from benchmarks.bench_floor import floor
+
+    dataset = data.generate(1500, seed=5)
+    expected = data.expect(dataset)
+    r = floor(pg_server.dsn, dataset, expected, sessions=2, batch=50)
+    assert r["rows"] == 1500
+    assert r["contacts"] == len(expected.contacts) > 500
+    assert r["rows_per_s"] > 0

@@ -236,3 +236,97 @@ VACUUM ANALYZE results
 UPDATE zen_contacts
 SET emails = emails[1:cardinality(emails) - 1]
 WHERE cardinality(emails) > 1
+
+-- ---------------------------------------------------------------------------------------
+-- The crash-safe floor (benchmarks/bench_floor.py): the server work any pipeline with a
+-- committed lease must do, run by the server alone (no client work between statements),
+-- in a bench database of its own.
+
+-- name: floor_staging
+-- Before the clock starts: every good source row's contact as the enrichment stand-in
+-- returns it (its data's place, typed by jsonb_populate_record, blanks and case
+-- normalized as the validator does, enough for the table's CHECKs), keyed by results.id.
+CREATE TABLE zen_floor_rows AS
+SELECT r.id AS result_id, r.link AS source_link, hashtext(r.link) AS partition_key,
+       (r.data ->> 'seen')::timestamptz AS observed_at,
+       nullif(btrim(p.business_name), '') AS business_name,
+       nullif(btrim(p.business_category), '') AS business_category,
+       nullif(btrim(p.website), '') AS website, nullif(btrim(p.city), '') AS city,
+       upper(btrim(p.country_code)) AS country_code, p.latitude, p.longitude, p.rating,
+       p.reviews_count, p.is_claimed, p.maps_phone, p.scrape_status,
+       ARRAY(SELECT DISTINCT lower(btrim(e)) FROM unnest(p.emails) AS e ORDER BY 1) AS emails,
+       p.phones
+FROM results AS r,
+     LATERAL jsonb_populate_record(NULL::zen_contacts, r.data -> 'place') AS p
+WHERE NOT (r.data ?| ARRAY['bad', 'none', 'poison', 'crash']);
+ALTER TABLE zen_floor_rows ADD PRIMARY KEY (result_id);
+ANALYZE zen_floor_rows;
+ANALYZE results;
+
+-- name: floor_procedure
+-- One claimer of the floor, looping until nothing is pending: (1) claim a batch in
+-- priority-then-age order with FOR UPDATE SKIP LOCKED and record a lease and a fencing
+-- token, COMMIT (the lease must be durable before the work starts); (2) write the
+-- batch's contacts with INSERT ... ON CONFLICT DO UPDATE setting the columns to the new
+-- values (less than any correct merge: no newest-wins, no union; a link's second
+-- scrape in one batch is dropped), settle the rows under the token, COMMIT. Each
+-- statement is planned once (plpgsql caches it); no round trip, no client.
+CREATE PROCEDURE zen_floor(p_batch integer)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_ids bigint[];
+    v_token bigint;
+BEGIN
+    LOOP
+        v_token := nextval('results_claim_token_seq');
+        WITH c AS (
+            SELECT q.id FROM results AS q
+            WHERE q.status = 'pending'
+            ORDER BY q.priority DESC, q.id
+            LIMIT p_batch
+            FOR UPDATE SKIP LOCKED
+        ), took AS (
+            UPDATE results AS r
+            SET status = 'claimed', claim_owner = 'floor', claim_token = v_token,
+                lease_until = statement_timestamp() + interval '60 seconds',
+                attempts = r.attempts + 1
+            FROM c WHERE r.id = c.id
+            RETURNING r.id
+        )
+        SELECT array_agg(t.id) INTO v_ids FROM took AS t;
+        EXIT WHEN v_ids IS NULL;
+        COMMIT;
+        INSERT INTO zen_contacts AS z (
+            partition_key, source_link, source_id, business_name, business_category,
+            website, city, country_code, latitude, longitude, rating, reviews_count,
+            is_claimed, maps_phone, scrape_status, emails, phones, observed_at, scrape_count)
+        SELECT DISTINCT ON (f.source_link)
+               f.partition_key, f.source_link, f.result_id, f.business_name,
+               f.business_category, f.website, f.city, f.country_code, f.latitude,
+               f.longitude, f.rating, f.reviews_count, f.is_claimed, f.maps_phone,
+               coalesce(f.scrape_status, 'pending'), coalesce(f.emails, '{}'),
+               coalesce(f.phones, '{}'), f.observed_at, 1
+        FROM zen_floor_rows AS f
+        WHERE f.result_id = ANY (v_ids)
+        ORDER BY f.source_link, f.observed_at DESC
+        ON CONFLICT (source_link, partition_key) DO UPDATE SET
+            source_id = EXCLUDED.source_id, business_name = EXCLUDED.business_name,
+            business_category = EXCLUDED.business_category, website = EXCLUDED.website,
+            city = EXCLUDED.city, country_code = EXCLUDED.country_code,
+            latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude,
+            rating = EXCLUDED.rating, reviews_count = EXCLUDED.reviews_count,
+            is_claimed = EXCLUDED.is_claimed, maps_phone = EXCLUDED.maps_phone,
+            scrape_status = EXCLUDED.scrape_status, emails = EXCLUDED.emails,
+            phones = EXCLUDED.phones, observed_at = EXCLUDED.observed_at,
+            scrape_count = z.scrape_count + 1, updated_at = now();
+        UPDATE results AS r
+        SET status = 'done', done_at = statement_timestamp()
+        WHERE r.id = ANY (v_ids) AND r.claim_token = v_token;
+        COMMIT;
+    END LOOP;
+END
+$$;
+
+-- name: floor_call
+CALL zen_floor(%(batch)s);
