@@ -16,7 +16,8 @@ per batch of ``--batch`` rows:
 The contacts are staged before the clock starts (``zen_floor_rows``, from the source
 rows' data: no enrichment, no validation, no client at all), and each of ``--sessions``
 connections runs the loop as one ``CALL`` of a plpgsql procedure (sql/queries/bench.sql,
-``floor_procedure``), so the figure has no round trip and no Python in it. Whatever a
+``floor_procedure``; `zenpipe.bench.baselines.crash_safe_floor`, also ``zenpipe bench
+--floor``), so the figure has no round trip and no Python in it. Whatever a
 real pipeline adds (the claimer's advisory locks and expiry accounting, the merge rules,
 validation, rejects, bookkeeping, the client's CPU on the same cores) can only make it
 slower: when the floor is below a target ratio, no design with these guarantees
@@ -32,15 +33,10 @@ fresh database per measurement, ``--reps`` interleaved repetitions, medians and 
 from __future__ import annotations
 
 import statistics
-import threading
-import time
 from typing import Any
 
-import psycopg
-
 from zenpipe.bench import data as bench_data
-from zenpipe.bench.baselines import fresh_database, physical_reference
-from zenpipe.queries import load
+from zenpipe.bench.baselines import crash_safe_floor, physical_reference
 
 from .common import base_parser, server, write_report
 
@@ -53,57 +49,9 @@ def floor(
     sessions: int,
     batch: int,
 ) -> dict[str, Any]:
-    """Run the floor loop in *sessions* connections at once until every source row is
-    settled; *admin*: a DSN on the bench's server.  Raises RuntimeError when a source
-    row is left unsettled or the contacts are not one per link of *expected*."""
-    q = load("bench")
-    with fresh_database(admin, dataset) as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(q["floor_staging"])
-            conn.execute(q["floor_procedure"])
-        errors: list[BaseException] = []
-        conns = [psycopg.connect(dsn, autocommit=True) for _ in range(sessions)]
-        go = threading.Barrier(sessions + 1)
-
-        def loop(conn: psycopg.Connection[Any]) -> None:
-            go.wait()
-            try:
-                conn.execute(q["floor_call"], {"batch": batch})
-            except BaseException as e:  # reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=loop, args=(c,)) for c in conns]
-        for t in threads:
-            t.start()
-        go.wait()
-        started = time.monotonic()
-        for t in threads:
-            t.join()
-        seconds = time.monotonic() - started
-        for c in conns:
-            c.close()
-        if errors:
-            raise errors[0]
-        with psycopg.connect(dsn) as conn:
-            left = conn.execute("SELECT count(*) FROM results WHERE status <> 'done'").fetchone()
-            contacts = conn.execute("SELECT count(*) FROM zen_contacts").fetchone()
-        assert left is not None and contacts is not None
-        if left[0]:
-            raise RuntimeError(f"the floor left {left[0]} source rows unsettled")
-        if contacts[0] != len(expected.contacts):
-            raise RuntimeError(
-                f"the floor wrote {contacts[0]} contacts for {len(expected.contacts)} links"
-            )
-    rows = len(dataset.rows)
-    return {
-        "method": f"floor x{sessions}",
-        "sessions": sessions,
-        "batch": batch,
-        "rows": rows,
-        "contacts": contacts[0],
-        "seconds": round(seconds, 3),
-        "rows_per_s": round(rows / seconds, 1),
-    }
+    """`zenpipe.bench.baselines.crash_safe_floor`, labelled with its sessions."""
+    r = crash_safe_floor(admin, dataset, expected, sessions=sessions, batch=batch)
+    return {**r, "method": f"floor x{sessions}"}
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
     done = subprocess.run(
         [sys.executable, "-m", "zenpipe", "bench", "--dsn", pg_server.dsn, "--rows", "1500",
          "--servers", "2", "--workers", "2", "--quiet", "--json", str(report_path),
-         "--plot", str(plot_path)],
+         "--plot", str(plot_path), "--floor"],
         check=False, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
@@ -77,6 +77,11 @@ def test_bench_with_dsn_passes_every_invariant_and_removes_only_its_database(
     assert report["startup_seconds"] > 0
     assert report["rows_per_s"] > report["wall_rows_per_s"] > 0
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --floor: the crash-safe floor on the same data, one contact per link, its ratios
+    floor = report["crash_safe_floor"]
+    assert floor["rows"] == 1500 and floor["contacts"] == report["checks"]["expected_contacts"]
+    assert floor["zenpipe_ratio"] > 0 and floor["reference_ratio"] > 0
+    assert "crash-safe floor" in done.stdout
     assert _databases(pg_server) == before  # its own database made and dropped, nothing else
 
 
@@ -219,14 +224,14 @@ def test_compare_reports_ratios_and_the_seed_patterns_violations(
 
 
 def test_the_crash_safe_floor_settles_every_row_once_per_link(pg_server: ThrowawayPostgres) -> None:
-    """benchmarks/bench_floor.py's loop (claim with a committed lease, write, settle under
-    the token, in the server alone), two sessions at once: every source row done, one
-    contact per good link, each contact counting its scrapes."""
-    from benchmarks.bench_floor import floor
+    """The crash-safe floor's loop (claim with a committed lease, write, settle under the
+    token, in the server alone), two sessions at once: every source row done, one
+    contact per good link."""
+    from zenpipe.bench.baselines import crash_safe_floor
 
     dataset = data.generate(1500, seed=5)
     expected = data.expect(dataset)
-    r = floor(pg_server.dsn, dataset, expected, sessions=2, batch=50)
+    r = crash_safe_floor(pg_server.dsn, dataset, expected, sessions=2, batch=50)
     assert r["rows"] == 1500
     assert r["contacts"] == len(expected.contacts) > 500
     assert r["rows_per_s"] > 0

@@ -483,6 +483,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         keep=args.keep,
         compare=args.compare,
         compare_seconds=args.compare_seconds,
+        floor_sessions=(os.cpu_count() or 1) if args.floor else 0,
         broken_merge=args.broken_merge,
     )
     where = "your server, in a database of its own" if dsn else "a throwaway PostgreSQL"
@@ -564,6 +565,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "each in a fresh database: ratios and their invariant violations")  # fmt: skip
     p.add_argument("--compare-seconds", type=float, default=600.0,
                    help="time cap of each --compare loop (default 600)")  # fmt: skip
+    p.add_argument("--floor", action="store_true",
+                   help="also run the crash-safe floor on the same data: the server alone "
+                   "doing the least any pipeline with a committed lease per claim must do "
+                   "(one session per CPU, the run's batch): how near the fleet gets")  # fmt: skip
     # test-only: after the run, drop an item of every merged array (a writer that
     # skipped the union): the invariant check must exit 1 naming arrays_are_unions
     p.add_argument("--broken-merge", action="store_true", help=argparse.SUPPRESS)

@@ -330,3 +330,9 @@ $$;
 
 -- name: floor_call
 CALL zen_floor(%(batch)s);
+
+-- name: floor_left
+SELECT count(*) FROM results WHERE status <> 'done';
+
+-- name: floor_contacts
+SELECT count(*) FROM zen_contacts;

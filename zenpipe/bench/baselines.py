@@ -9,6 +9,15 @@ server the bench runs on and dropped afterwards.
 row with one bulk ``UPDATE results SET status = 'done'``: the least work any pipeline
 can do for these rows, so zenpipe's end-to-end throughput is reported as a ratio to it.
 
+`crash_safe_floor` (``zenpipe bench --floor``, `benchmarks.bench_floor`): the least any
+pipeline with a committed lease per claim must do, run by the server alone: sessions
+each looping, as one ``CALL`` of a plpgsql procedure, claim by ``FOR UPDATE SKIP
+LOCKED`` with a lease and a token, COMMIT, one ``INSERT ... ON CONFLICT DO UPDATE``
+setting the new values (no merge rules), settle under the token, COMMIT, over contacts
+staged before the clock starts. No client work, no round trip: a real pipeline can only
+be slower, so its ratio to the physical reference bounds what any such design reaches
+on that server.
+
 `compare` (``zenpipe bench --compare``): two hand-written loops, ``servers x workers``
 OS processes each, with the same stand-in enrichment (`zenpipe.bench.enrich`'s records
 and latency; transient failures go back to pending, poison and crash rows are parked
@@ -31,6 +40,7 @@ import multiprocessing as mp
 import os
 import random
 import secrets
+import threading
 import time
 from array import array
 from collections.abc import Iterator
@@ -48,7 +58,7 @@ from . import data as bench_data
 from .enrich import build_record
 from .invariants import RunFacts, check
 
-__all__ = ["METHODS", "compare", "physical_reference"]
+__all__ = ["METHODS", "compare", "crash_safe_floor", "physical_reference"]
 
 #: The loops of ``--compare``, in the order they run.
 METHODS = ("seed", "skip_locked")
@@ -106,6 +116,68 @@ def physical_reference(
         "processes": 1,
         "rows": rows,
         "contacts": len(contacts),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def crash_safe_floor(
+    admin: str,
+    dataset: bench_data.Dataset,
+    expected: bench_data.Expected,
+    *,
+    sessions: int,
+    batch: int,
+) -> dict[str, Any]:
+    """Run the floor loop in *sessions* connections at once until every source row is
+    settled, in a fresh database; *admin*: a DSN on the bench's server.  Blocks until
+    the loops end; raises RuntimeError when a source row is left unsettled or the
+    contacts are not one per link of *expected*, and a loop's own error as it is."""
+    q = load("bench")
+    with fresh_database(admin, dataset) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(q["floor_staging"])
+            conn.execute(q["floor_procedure"])
+        errors: list[BaseException] = []
+        conns = [psycopg.connect(dsn, autocommit=True) for _ in range(sessions)]
+        go = threading.Barrier(sessions + 1)
+
+        def loop(conn: psycopg.Connection[Any]) -> None:
+            go.wait()
+            try:
+                conn.execute(q["floor_call"], {"batch": batch})
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=loop, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        go.wait()
+        started = time.monotonic()
+        for t in threads:
+            t.join()
+        seconds = time.monotonic() - started
+        for c in conns:
+            c.close()
+        if errors:
+            raise errors[0]
+        with psycopg.connect(dsn) as conn:
+            left = conn.execute(q["floor_left"]).fetchone()
+            contacts = conn.execute(q["floor_contacts"]).fetchone()
+        assert left is not None and contacts is not None
+        if left[0]:
+            raise RuntimeError(f"the floor left {left[0]} source rows unsettled")
+        if contacts[0] != len(expected.contacts):
+            raise RuntimeError(
+                f"the floor wrote {contacts[0]} contacts for {len(expected.contacts)} links"
+            )
+    rows = len(dataset.rows)
+    return {
+        "method": "crash_safe_floor",
+        "sessions": sessions,
+        "batch": batch,
+        "rows": rows,
+        "contacts": contacts[0],
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
     }

@@ -146,6 +146,17 @@ def _baseline_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{ref['rows_per_s']:,} rows/s (COPY {ref['contacts']:,} contacts + one "
                     f"UPDATE, {ref['seconds']} s); zenpipe {ref['zenpipe_ratio']}x "
                     f"({ref['zenpipe_wall_ratio']}x with start-up)"))  # fmt: skip
+    floor = report.get("crash_safe_floor")
+    if floor:
+        vs_ref = (
+            ""
+            if floor["reference_ratio"] is None
+            else (f"; {floor['reference_ratio']}x the physical reference")
+        )
+        out.append(("crash-safe floor",
+                    f"{floor['rows_per_s']:,} rows/s ({floor['sessions']} sessions, batch "
+                    f"{floor['batch']}, {floor['seconds']} s{vs_ref}); zenpipe "
+                    f"{floor['zenpipe_ratio']}x"))  # fmt: skip
     for b in report.get("baselines", []):
         broken = ", ".join(f"{v['name']} {v['count']}" for v in b["violations"]) or "none"
         done = "" if b["complete"] else f", capped: {b['rows_settled']:,} rows settled"

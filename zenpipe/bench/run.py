@@ -83,6 +83,9 @@ class BenchConfig:
     compare_seconds: float = 600.0
     #: the physical reference (`zenpipe.bench.baselines.physical_reference`)
     reference: bool = True
+    #: the crash-safe floor (`zenpipe.bench.baselines.crash_safe_floor`), in this many
+    #: sessions at the run's batch size (0: not run)
+    floor_sessions: int = 0
     #: test-only: drop an item of every merged array after the run (a writer that
     #: skipped the union); the invariant check must catch it
     broken_merge: bool = False
@@ -564,7 +567,8 @@ def _break_merge(dsn: str) -> None:
 
 def _baselines(config: BenchConfig, admin: str, dataset: bench_data.Dataset,
                expected: bench_data.Expected, report: dict[str, Any]) -> None:  # fmt: skip
-    """The physical reference and (--compare) the baseline loops, on the same server
+    """The physical reference, (--floor) the crash-safe floor and (--compare) the
+    baseline loops, on the same server
     after the fleet's run, each in a fresh database; their figures and zenpipe's ratio
     to each go into *report*."""
     from . import baselines  # noqa: PLC0415  (imports run's neighbours only when used)
@@ -577,6 +581,15 @@ def _baselines(config: BenchConfig, admin: str, dataset: bench_data.Dataset,
         ref["zenpipe_ratio"] = round(rate / per_s, 3) if per_s else None
         ref["zenpipe_wall_ratio"] = round(wall / per_s, 3) if per_s else None
         report["physical_reference"] = ref
+    if config.floor_sessions > 0:
+        floor = baselines.crash_safe_floor(
+            admin, dataset, expected, sessions=config.floor_sessions, batch=config.batch
+        )
+        per_s = floor["rows_per_s"]
+        floor["zenpipe_ratio"] = round(rate / per_s, 3) if per_s else None
+        ref_per_s = report.get("physical_reference", {}).get("rows_per_s")
+        floor["reference_ratio"] = round(per_s / ref_per_s, 3) if per_s and ref_per_s else None
+        report["crash_safe_floor"] = floor
     if config.compare:
         found = baselines.compare(
             admin, dataset, expected, processes=config.servers * config.workers,
