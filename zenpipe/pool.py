@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import uuid
@@ -157,6 +158,25 @@ def detect_pgbouncer(conn: psycopg.Connection[Any]) -> bool:
         logger.warning("PgBouncer probe failed (%s): assuming a pooler", e)
         return True
     return row is None or int(row[0]) != int(reported)
+
+
+def check_connection(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection before it hands it out, without a round trip
+    when nothing came in: an idle connection has nothing to read, and a backend that
+    was terminated (``pg_terminate_backend``, a server shutdown or restart) has sent its
+    FATAL error and closed the socket, which makes it readable.  Only then is the
+    connection checked with a query (psycopg_pool's `check_connection`), which raises
+    for a dead one (the pool discards it and tries another); anything else readable (a
+    notification) passes that query.  Does not block.  A peer that vanished without a
+    word (a cut network) is found at first use instead, as it would be a moment after
+    any check; the claim and the write retry such errors on another connection.
+    """
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+    if poller.poll(0):
+        psycopg_pool.ConnectionPool.check_connection(conn)
 
 
 def _probe_pgbouncer(settings: Settings) -> bool:
@@ -674,7 +694,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
                 max_size=size,
                 open=open,
                 configure=configure,
-                check=psycopg_pool.ConnectionPool.check_connection,
+                check=check_connection,
                 name=pool_name,
                 timeout=settings.pool_timeout,
                 max_waiting=settings.max_waiting,
