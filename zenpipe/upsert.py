@@ -601,7 +601,7 @@ class Upserter:
         the fast path: a first attempt on an idle direct connection, including when a
         retry finds that attempt's commit landed; otherwise they are not run, and the
         caller runs its bookkeeping itself).  On that path the whole
-        call is two round trips plus the pool's check (docs/upserting.md).
+        call is two round trips (docs/upserting.md).
         """
         if not batch.claims:
             raise EmptyBatchError(
