@@ -235,3 +235,23 @@ def test_the_crash_safe_floor_settles_every_row_once_per_link(pg_server: Throwaw
     assert r["rows"] == 1500
     assert r["contacts"] == len(expected.contacts) > 500
     assert r["rows_per_s"] > 0
+
+
+def test_live_rate_reads_samples_further_apart_than_its_window(tmp_path: Path) -> None:
+    """On a busy server the progress samples can be more than the rate's 5 s window
+    apart (the 1,000,000-row chaos run showed "0 rows/s" while rows settled): the rate
+    then comes from the last two samples."""
+    from zenpipe.bench.faults import FaultLog
+    from zenpipe.bench.run import _Events, _live
+
+    timeline = [
+        {"t": 0.0, "settled": 0, "connections": 1},
+        {"t": 8.0, "settled": 4000, "connections": 1},
+    ]
+    live = _live(timeline[-1], timeline, 10_000, _Events(str(tmp_path)), FaultLog(),
+                     None, (1, 10))  # fmt: skip
+    assert live["rows_per_s"] == 500.0
+    timeline.append({"t": 10.0, "settled": 5000, "connections": 1})
+    live = _live(timeline[-1], timeline, 10_000, _Events(str(tmp_path)), FaultLog(),
+                     None, (1, 10))  # fmt: skip
+    assert live["rows_per_s"] == 500.0  # 8 -> 10 s: inside the window as before

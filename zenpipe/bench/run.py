@@ -609,6 +609,8 @@ def _live(point: dict[str, Any], timeline: list[dict[str, Any]], total: int, eve
           faults: FaultLog, proxy: CommitProxy | None,
           peak_budget: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
     window = [p for p in timeline if p["t"] >= point["t"] - 5]
+    if len(window) < 2:  # samples further apart than the window (a slow, busy server)
+        window = timeline[-2:]
     rate = 0.0
     if len(window) > 1 and window[-1]["t"] > window[0]["t"]:
         rate = (window[-1]["settled"] - window[0]["settled"]) / (window[-1]["t"] - window[0]["t"])
