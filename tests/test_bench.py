@@ -255,3 +255,17 @@ def test_live_rate_reads_samples_further_apart_than_its_window(tmp_path: Path) -
     live = _live(timeline[-1], timeline, 10_000, _Events(str(tmp_path)), FaultLog(),
                      None, (1, 10))  # fmt: skip
     assert live["rows_per_s"] == 500.0  # 8 -> 10 s: inside the window as before
+
+
+def test_observations_of_a_million_rows_are_all_in_the_past() -> None:
+    """A 1,000,000-row run had half its good rows rejected as observed in the future
+    (a minute apart from 2026-01-01 reaches into 2027); runs up to 432,000 rows keep
+    their data exactly (a minute apart)."""
+    from datetime import UTC, datetime, timedelta
+
+    newest = data._EPOCH + data.observation_step(1_000_000) * (1_000_000 - 1)
+    assert newest < datetime.now(UTC)
+    assert data.observation_step(10_000) == data.observation_step(432_000) == timedelta(minutes=1)
+    rows = data.generate(2_000, seed=4).rows
+    seen = sorted(datetime.fromisoformat(r.data["seen"]) for r in rows)
+    assert seen[0] == data._EPOCH and seen[-1] == data._EPOCH + timedelta(minutes=1999)

@@ -80,6 +80,18 @@ _CATEGORIES = ["Cafe", "Dentist", "Hotel", "Restaurant", "Bakery", "Gym", "Pharm
 _COUNTRIES = ["ID", "MY", "SG", "TH", "VN", "PH", "DE", "US"]
 _STATUSES = ["success", "partial", "success", "success"]
 _EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+#: Observation times are a minute apart, closer in runs of more than 432,000 rows, so
+#: the newest stays within _SPAN of _EPOCH, in the past: the writer rejects an
+#: observation ahead of the database clock (in_future), and a 1,000,000-row run a
+#: minute apart reached into 2027 (half its good rows rejected as from the future).
+_SPAN = timedelta(days=300)
+
+
+def observation_step(rows: int) -> timedelta:
+    """The time between consecutive observations of a *rows*-row dataset."""
+    return min(timedelta(minutes=1), _SPAN / max(rows, 1))
+
+
 #: Plain text columns, where a blank value means "not seen".
 _BLANKABLE = frozenset({"business_name", "business_category", "website", "city"})
 
@@ -209,6 +221,7 @@ def generate(
     businesses: list[dict[str, Any]] = []
     scrapes: Counter[str] = Counter()
     times = list(range(rows))
+    step = observation_step(rows)
     rng.shuffle(times)  # observation times unrelated to load order: merges see both orders
     n_crash = max(1, round(rows * crash_rate)) if crash_rate > 0 else 0
     n_bad = max(len(BAD_REASONS), round(rows * bad_rate)) if bad_rate > 0 else 0
@@ -222,7 +235,7 @@ def generate(
             biz = _business(rng, len(businesses), seed)
             businesses.append(biz)
         scrapes[biz["link"]] += 1
-        seen = _EPOCH + timedelta(minutes=times[n])
+        seen = _EPOCH + step * times[n]
         data: dict[str, Any] = {
             "n": n,
             "seen": seen.isoformat(),
