@@ -41,19 +41,6 @@ from zenpipe.bench.baselines import crash_safe_floor, physical_reference
 from .common import base_parser, server, write_report
 
 
-def floor(
-    admin: str,
-    dataset: bench_data.Dataset,
-    expected: bench_data.Expected,
-    *,
-    sessions: int,
-    batch: int,
-) -> dict[str, Any]:
-    """`zenpipe.bench.baselines.crash_safe_floor`, labelled with its sessions."""
-    r = crash_safe_floor(admin, dataset, expected, sessions=sessions, batch=batch)
-    return {**r, "method": f"floor x{sessions}"}
-
-
 def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--rows", type=int, default=30_000)
@@ -72,7 +59,10 @@ def main() -> None:
             runs.append({**ref, "rep": rep, "batch": None, "sessions": 1})
             for batch in args.batch:
                 for sessions in args.sessions:
-                    r = floor(server_dsn, dataset, expected, sessions=sessions, batch=batch)
+                    r = crash_safe_floor(
+                        server_dsn, dataset, expected, sessions=sessions, batch=batch
+                    )
+                    r["method"] = f"floor x{sessions}"
                     print(rep, r, flush=True)
                     runs.append({**r, "rep": rep})
     table = []
