@@ -359,6 +359,27 @@ def test_claim_plan_locks_only_inside_the_fenced_cte(
         assert "Seq Scan" not in scans
 
 
+@pytest.mark.parametrize("affine", [False, True], ids=["window order", "partition affinity"])
+def test_only_an_affine_claim_runs_the_affine_order(dsn: str, affine: bool) -> None:
+    """Migration 0020: a plain claim (the Claimer's default) orders its window with one
+    sort; the affine order's window functions and their sorts run only when asked for
+    (zen_claim_v3 ran them for every claim, a third of the lock statement at batch 500).
+    """
+    plan = _plan(dsn, drop_indexes=False, affine=affine)
+    candidates = next(n for n in _nodes(plan) if n.get("Subplan Name") == "CTE candidates")
+    # the nodes that read rows (the branch not asked for may start, and reads none)
+    busy = [n for n in _nodes(candidates) if n.get("Actual Rows", 0) > 0]
+    windows = [n for n in busy if n["Node Type"] == "WindowAgg"]
+    sorts = [n for n in busy if n["Node Type"] in {"Sort", "Incremental Sort"}]
+    if affine:
+        assert len(windows) == 2
+    else:
+        assert windows == []
+        assert len(sorts) == 1
+    # either way the locks are tried over the whole window
+    assert candidates["Actual Rows"] == 40
+
+
 # -- partition affinity -------------------------------------------------------------------
 
 

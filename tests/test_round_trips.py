@@ -93,7 +93,7 @@ def _traced_worker(dsn: str, folder: Path) -> Iterator[tuple[Worker, TracedPool]
 
 
 def test_a_100_row_batch_takes_at_most_six_round_trips(dsn: str) -> None:
-    """Claim (one call of zen_claim_v3) and the write (the settling mark, merge,
+    """Claim (one call of zen_claim_v4) and the write (the settling mark, merge,
     completion and bookkeeping in one pipeline + COMMIT): 3 on a direct connection, plus
     the claimer's periodic park_exhausted.  The pool's check of an idle connection sends
     nothing (zenpipe.pool.check_connection; it was a round trip per checkout, 5.2 per
@@ -131,7 +131,7 @@ def _normalized(text: str) -> str:
 
 
 def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
-    """zen_claim_v3 spells claim_lock with variables for parameters: the two agree, so
+    """zen_claim_v4 spells claim_lock with variables for parameters: the two agree, so
     the plan test of claim_lock (test_claim.py) pins the function's first statement."""
     lock = load("claim")["claim_lock"].as_string()
     for param, var in (
@@ -147,6 +147,6 @@ def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
         lock = lock.replace(param, var)
     lock_ctes = _normalized(lock).split(" SELECT (SELECT coalesce")[0]
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v3'").fetchone()
+        row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v4'").fetchone()
     assert row is not None
     assert lock_ctes in _normalized(row[0])

@@ -249,7 +249,7 @@ class Claimer:
         return batch
 
     def _claim_in(self, conn: Conn, n: int, *, exact: bool) -> Batch:
-        """One `zen_claim_v3` call (query ``claim``): windows, lock, take and race
+        """One `zen_claim_v4` call (query ``claim``): windows, lock, take and race
         retries run in the server.  *exact*: the transaction stays open after the call
         (a caller's), so a raced attempt is redone until it holds no lock beyond its
         rows; otherwise a raced attempt keeps the rows it took (the commit that follows

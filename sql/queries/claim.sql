@@ -1,7 +1,7 @@
 -- Statements of the claimer (zenpipe.claim). Parameters are named; every value is bound.
 
 -- name: claim
--- A whole claim, one round trip: zen_claim_v3 (migrations 0016, 0018, 0019) runs claim_lock, window
+-- A whole claim, one round trip: zen_claim_v4 (migrations 0016, 0018, 0019, 0020) runs claim_lock, window
 -- after window, then claim_take, each with its own snapshot, and retries a raced attempt
 -- itself (rolled back to the block's savepoint, locks released). One row back: the
 -- claimed rows as arrays in priority-then-age order, whether an empty batch came back
@@ -11,12 +11,12 @@
 -- raced attempt keeps the rows it took (the commit right after releases every lock).
 SELECT z.o_ids, z.o_tokens, z.o_attempts, z.o_links, z.o_data, z.o_priorities, z.o_leases,
        z.o_contended, z.o_retry_in, z.o_races
-FROM zen_claim_v3(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
+FROM zen_claim_v4(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
                   %(max_attempts)s, %(namespace)s, %(windows)s, %(tries)s,
                   %(exact)s, %(affine)s) AS z;
 
 -- name: claim_lock
--- First statement of a claim (run by zen_claim_v3, which spells it with variables for
+-- First statement of a claim (run by zen_claim_v4, which spells it with variables for
 -- parameters: keep the two the same), one window of candidates:
 --  * expired: claimed rows whose lease ran out (results_lease_idx range scan), unless
 --    exhausted (left for park_exhausted). Expired rows are claimed before pending ones
@@ -29,9 +29,11 @@ FROM zen_claim_v3(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
 --    keyset (after_priority, after_id) of the previous window: a window whose every row
 --    is locked by other claimers is looked past, not mistaken for "no work".
 --  * candidates: the window's rows in the order the locks are tried: the window's
---    order, or with %(affine)s, within each priority, partition by partition of
---    zen_contacts (zen_partition_of_v1 of the link), the partition of the oldest row
---    first (migration 0018: a batch's writes then touch few leaves). Rows another
+--    order (one sort), or with %(affine)s, within each priority, partition by partition
+--    of zen_contacts (zen_partition_of_v1 of the link), the partition of the oldest row
+--    first (migration 0018: a batch's writes then touch few leaves). Two branches gated
+--    by %(affine)s (migration 0020): the affine order's windows and sorts run only for
+--    an affine claim. Rows another
 --    transaction is taking (busy: the visible version's xmax is a transaction running
 --    when this statement's snapshot was taken) come after all the others (migration
 --    0019): a claim that committed since that snapshot released their locks, and
@@ -83,14 +85,22 @@ scanned AS MATERIALIZED (
     LIMIT %(scan)s
 ),
 candidates AS MATERIALIZED (
-    SELECT s.id, s.priority
-    FROM (SELECT w.id, w.priority, w.src,
-                 CASE WHEN %(affine)s::boolean THEN zen_partition_of_v1(w.link) END AS part,
-                 age(w.xmax) <= (SELECT age(xid(pg_snapshot_xmin(pg_current_snapshot())))) AS busy,
-                 row_number() OVER (ORDER BY w.src, w.priority DESC, w.id) AS pos
-          FROM scanned AS w) AS s
-    ORDER BY s.src, s.busy, s.priority DESC,
-             min(s.pos) OVER (PARTITION BY s.src, s.busy, s.priority, s.part), s.pos
+    (SELECT w.id, w.priority
+     FROM scanned AS w
+     WHERE NOT %(affine)s::boolean
+     ORDER BY w.src,
+              age(w.xmax) <= (SELECT age(xid(pg_snapshot_xmin(pg_current_snapshot())))),
+              w.priority DESC, w.id)
+    UNION ALL
+    (SELECT s.id, s.priority
+     FROM (SELECT w.id, w.priority, w.src,
+                  zen_partition_of_v1(w.link) AS part,
+                  age(w.xmax) <= (SELECT age(xid(pg_snapshot_xmin(pg_current_snapshot())))) AS busy,
+                  row_number() OVER (ORDER BY w.src, w.priority DESC, w.id) AS pos
+           FROM scanned AS w) AS s
+     WHERE %(affine)s::boolean
+     ORDER BY s.src, s.busy, s.priority DESC,
+              min(s.pos) OVER (PARTITION BY s.src, s.busy, s.priority, s.part), s.pos)
 ),
 grp AS MATERIALIZED (
     SELECT CASE WHEN max(x.expiries) >= 2 THEN 1
@@ -118,7 +128,7 @@ LEFT JOIN LATERAL (
 ) AS last ON true;
 
 -- name: claim_take
--- Second statement of a claim (zen_claim_v3 runs it, spelled with variables): take the locked rows that are still eligible, by primary
+-- Second statement of a claim (zen_claim_v4 runs it, spelled with variables): take the locked rows that are still eligible, by primary
 -- key, under one new fencing token and the claim's own random claim_id. Its snapshot
 -- is newer than every lock we hold, so a row another claim committed between the lock
 -- statement's snapshot and our lock is simply not eligible here (never reached through
