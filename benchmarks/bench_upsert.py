@@ -13,6 +13,18 @@ re-upsert) for every method:
 - ``zenpipe_conflict``: `Upserter.upsert` of the same links again, every row conflicting
   and bringing one new email (plus a newer observation of every scalar).
 
+Stages of zenpipe's own paths, to show where its time goes (each timed on rows whose
+earlier stages ran before the clock started):
+
+- ``copy_path_ready``: zenpipe's COPY statement (its clock read, savepoint, binary COPY
+  of the columns the merge inserts, commit) of COPY rows already built: the server's
+  part of the fresh path;
+- ``copy_path_built``: the same, building the COPY rows from validated rows inside the
+  clock (validation and routing still outside it);
+- ``merge_ready``: zenpipe's merge statement (``merge_rows``) of another full-conflict
+  round, its parameters built before the clock (psycopg still encodes them inside it):
+  the server's part of the conflict path, against ``update_floor``.
+
 Also: the Python-side share (validation, hashing, sorting: ``Upserter._prepare``) of
 zenpipe's time, peak RSS, and the cost of re-upserting a row that already holds
 thousands of emails.
@@ -34,7 +46,7 @@ import psycopg
 
 from benchmarks.common import base_parser, fresh_database, peak_rss_mb, server, write_report
 from zenpipe import keys
-from zenpipe.upsert import SCALAR_COLUMNS, Upserter
+from zenpipe.upsert import _COPY_PATH_TYPES, SCALAR_COLUMNS, Upserter, _chunk_rounds, _copy_rows
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 COUNTRIES = ["ID", "MY", "SG", "TH", "VN", "PH", "US", "DE"]
@@ -230,6 +242,63 @@ def run_zenpipe(
     return {"seconds": total, "python_seconds": python, "python_wait_seconds": waited}
 
 
+def _validated_chunks(up: Upserter, batch: list[dict[str, Any]]) -> list[Any]:
+    """The batch routed, sorted and validated as `Upserter.upsert` would (its chunks)."""
+    return list(up._prepare(batch).chunks())
+
+
+def run_copy_path(dsn: str, rows: int, size: int, *, build: bool) -> float:
+    """Seconds of zenpipe's COPY path statements for fresh rows validated before the
+    clock: with *build*, building the COPY rows inside the clock, else before it."""
+    total = 0.0
+    with Upserter(dsn, server_id="bench", max_array_items=10_000, chunk_rows=size) as up:
+        q = up._queries
+        with up._pool.connection() as conn:
+            for batch in batches(rows, size, 0):
+                chunks = [c.rows for c in _validated_chunks(up, batch)]
+                ready = None if build else [_copy_rows(r) for r in chunks]
+                t = time.perf_counter()
+                built = [_copy_rows(r) for r in chunks] if ready is None else ready
+                with conn.cursor() as cur:
+                    cur.execute(q["copy_clock"]).fetchone()
+                    cur.execute(q["savepoint"])
+                    copy_cur = up._copy_cursor(conn)
+                    for c in built:
+                        assert c is not None
+                        with copy_cur.copy(up._copy_sql) as cp:
+                            cp.set_types(_COPY_PATH_TYPES)
+                            for tup in c.tuples:
+                                cp.write_row(tup)
+                    cur.execute(q["release"])
+                conn.commit()
+                total += time.perf_counter() - t
+    return total
+
+
+def run_merge_ready(dsn: str, rows: int, size: int, version: int) -> float:
+    """Seconds of zenpipe's merge statements (`merge_rows`) for re-observed rows whose
+    parameters were built (validated, routed, arrays encoded) before the clock."""
+    total = 0.0
+    written = 0
+    with Upserter(dsn, server_id="bench", max_array_items=10_000, chunk_rows=size) as up:
+        merge = up._queries["merge_rows"]
+        with up._pool.connection() as conn:
+            for batch in batches(rows, size, version):
+                params = [
+                    up._round_params(r)
+                    for c in _validated_chunks(up, batch)
+                    for r in _chunk_rounds(c, 0)
+                ]
+                t = time.perf_counter()
+                with conn.cursor() as cur:
+                    for p in params:
+                        written += len(cur.execute(merge, p).fetchall())
+                conn.commit()
+                total += time.perf_counter() - t
+    assert written == rows, (written, rows)
+    return total
+
+
 def big_row_costs(dsn: str, emails: int, reps: int) -> dict[str, float]:
     """Milliseconds per re-upsert of a row that already holds *emails* emails."""
     link = "https://big/row"
@@ -322,8 +391,13 @@ def main() -> None:
             truncate(dsn)
             copy_s = run_copy(dsn, rows, size)
             truncate(dsn)
+            ready_s = run_copy_path(dsn, rows, size, build=False)
+            truncate(dsn)
+            built_s = run_copy_path(dsn, rows, size, build=True)
+            truncate(dsn)
             fresh = run_zenpipe(dsn, rows, size, 0, chunk=args.chunk)
             conflict = run_zenpipe(dsn, rows, size, 1, chunk=args.chunk)
+            merge_s = run_merge_ready(dsn, rows, size, 2)
             snapshot_floor_stage(dsn, size)
             floor_s = run_update_floor(dsn, rows, size)
             run = {
@@ -332,11 +406,17 @@ def main() -> None:
                 "fresh_rows_per_s": rows / fresh["seconds"],
                 "conflict_rows_per_s": rows / conflict["seconds"],
                 "update_floor_rows_per_s": rows / floor_s,
+                "copy_path_ready_rows_per_s": rows / ready_s,
+                "copy_path_built_rows_per_s": rows / built_s,
+                "merge_ready_rows_per_s": rows / merge_s,
                 "fresh_python_cpu_ms_per_1000": fresh["python_seconds"] / rows * 1e6,
                 "conflict_python_cpu_ms_per_1000": conflict["python_seconds"] / rows * 1e6,
             }
             run["fresh_x_copy"] = run["fresh_rows_per_s"] / run["copy_rows_per_s"]
             run["conflict_x_floor"] = run["conflict_rows_per_s"] / run["update_floor_rows_per_s"]
+            run["copy_path_ready_x_copy"] = copy_s / ready_s
+            run["copy_path_built_x_copy"] = copy_s / built_s
+            run["merge_ready_x_floor"] = floor_s / merge_s
             print(run, flush=True)
             runs.append(run)
         with psycopg.connect(dsn) as conn:

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -138,7 +138,6 @@ _COPY_MAX_BACKOFF = 64
 #: The merge computes observed_at as epoch + us * interval '1 microsecond' in float8:
 #: exact below 2**53 us (about 285 years either side of 1970); beyond, the merge decides.
 _EXACT_US = 2**53
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # PostgreSQL's binary array format (array_recv): ndim, has-null flag, element type oid,
 # then per dimension its length and lower bound; each element its length (-1: NULL)
 # and bytes.
@@ -148,6 +147,9 @@ _INT8_ELEM = struct.Struct(">iq").pack
 _NULL_ELEM = _LEN(-1)
 _TEXT_OID = postgres.types["text"].oid
 _INT8_OID = postgres.types["int8"].oid
+_INT8_BINARY = struct.Struct(">q").pack
+#: timestamptz in binary: microseconds since 2000-01-01 00:00 UTC
+_PG_EPOCH_US = 946_684_800_000_000
 _EMPTY_TEXT_ARRAY = struct.pack(">iiI", 0, 0, _TEXT_OID)
 
 
@@ -169,6 +171,7 @@ _RAW_DUMPERS: tuple[type[Dumper], ...] = tuple(
         postgres.types["text"].array_oid,
         postgres.types["int8"].array_oid,
         postgres.types["jsonb"].oid,
+        postgres.types["timestamptz"].oid,
     )
 )
 
@@ -1373,7 +1376,7 @@ def _copy_rows(rows: list[tuple[Any, ...]]) -> _CopyRows | None:
             values = list(row[5:n])
             elem = _INT8_ELEM(8, us)
             slots = [_NULL_ELEM if v is None else elem for v in values]
-            slots_bytes = slots_head[_NULL_ELEM not in slots] + b"".join(slots)
+            slots_bytes = slots_head[None not in values] + b"".join(slots)
             rating = values[_RATING]
             if rating is not None:  # float8 -> numeric as PostgreSQL casts it (15 digits)
                 values[_RATING] = Decimal(format(rating, ".15g"))
@@ -1382,7 +1385,7 @@ def _copy_rows(rows: list[tuple[Any, ...]]) -> _CopyRows | None:
                 values[j] = default if v is None else _JSON_BINARY + dumps(v)
             if values[_STATUS] is None:
                 values[_STATUS] = "pending"
-            observed_at = _EPOCH + timedelta(microseconds=us)
+            observed_at = _INT8_BINARY(us - _PG_EPOCH_US)  # exact: what the merge computes
             out.append(
                 (row[2], row[3], *values, _text_array(row[n]), _text_array(row[n + 1]),
                  _text_array(row[n + 2]), slots_bytes, observed_at, 1)
