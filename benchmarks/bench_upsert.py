@@ -46,7 +46,14 @@ import psycopg
 
 from benchmarks.common import base_parser, fresh_database, peak_rss_mb, server, write_report
 from zenpipe import keys
-from zenpipe.upsert import _COPY_PATH_TYPES, SCALAR_COLUMNS, Upserter, _chunk_rounds, _copy_rows
+from zenpipe.upsert import (
+    _COPY_PATH_TYPES,
+    CHUNK_ROWS,
+    SCALAR_COLUMNS,
+    Upserter,
+    _chunk_rounds,
+    _copy_rows,
+)
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 COUNTRIES = ["ID", "MY", "SG", "TH", "VN", "PH", "US", "DE"]
@@ -178,6 +185,14 @@ def copy_tuple(rec: dict[str, Any]) -> tuple[Any, ...]:
             v = Decimal(str(v))
         vals.append(v)
     return tuple(vals)
+
+
+def settle(dsn: str) -> None:
+    """VACUUM and CHECKPOINT, so that each pass of updates starts from the same state:
+    no dead row versions left by the previous pass, no full-page writes pending."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM zen_contacts")
+        conn.execute("CHECKPOINT")
 
 
 def truncate(dsn: str) -> None:
@@ -381,7 +396,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000, help="records per upsert call")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--chunk", type=int, default=1000, help="Upserter chunk_rows")
+    parser.add_argument("--chunk", type=int, default=CHUNK_ROWS, help="Upserter chunk_rows")
     args = parser.parse_args()
     rows, size = args.rows, args.batch
     runs: list[dict[str, Any]] = []
@@ -396,10 +411,13 @@ def main() -> None:
             built_s = run_copy_path(dsn, rows, size, build=True)
             truncate(dsn)
             fresh = run_zenpipe(dsn, rows, size, 0, chunk=args.chunk)
+            settle(dsn)
             conflict = run_zenpipe(dsn, rows, size, 1, chunk=args.chunk)
-            merge_s = run_merge_ready(dsn, rows, size, 2)
             snapshot_floor_stage(dsn, size)
+            settle(dsn)
             floor_s = run_update_floor(dsn, rows, size)
+            settle(dsn)
+            merge_s = run_merge_ready(dsn, rows, size, 2)
             run = {
                 "rep": rep,
                 "copy_rows_per_s": rows / copy_s,

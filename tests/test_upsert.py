@@ -107,9 +107,11 @@ def test_batch_lands_merged_with_counts_equal_to_lengths(
     ]
     report = upserter.upsert(recs)
     assert (report.written, report.rejected, report.merged_in_batch) == (300, 0, 0)
-    # The idempotency key (issue 8) and one merge of bound arrays (issue 10: no staging
-    # table to create, fill and drop): no per-row round trip.
-    assert report.statements == 2
+    # The idempotency key (issue 8) and one merge of bound arrays per chunk (issue 10: no
+    # staging table to create, fill and drop): no per-row round trip.
+    chunks = -(-300 // upserter.chunk_rows)
+    assert chunks == 2  # the default chunk_rows, 250
+    assert report.statements == 1 + chunks
     report = upserter.upsert(
         [
             {"source_link": f"https://maps/{i}", "emails": [f"new{i}@x.com", "a@x.com"]}

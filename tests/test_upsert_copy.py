@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from zenpipe import queries
+from zenpipe.keys import route
 from zenpipe.upsert import _COPY_COLUMNS, Upserter, _Chunk
 from zenpipe.validate import MAX_FUTURE_US
 
@@ -400,3 +401,54 @@ def test_copy_path_off_below_copy_rows(dsn: str) -> None:
         assert up.copy_attempts == 1
     with pytest.raises(ValueError):
         Upserter(dsn, server_id="s", copy_rows=0)
+
+
+# -- chunks share one COPY ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["fast", "careful"])
+def test_consecutive_chunks_share_one_copy(
+    dsn: str, postgresql: psycopg.Connection[Any], how: str
+) -> None:
+    """The first rounds of consecutive candidate chunks go in one COPY (the server stores
+    each while the next is validated), with the same rows as the merge."""
+    sids = results(postgresql, 3)
+    records = batch(21, 60, sids)  # 84 records, repeated links included: later rounds
+    (merged, copied), reports, up = both_ways(dsn, postgresql, records, how=how, chunk_rows=9)
+    assert copied == merged
+    _same_reports(*reports)
+    assert (up.copy_attempts, up.copy_fallbacks) == (1, 0)
+
+
+@pytest.mark.parametrize("how", ["fast", "careful"])
+def test_a_chunk_that_cannot_be_copied_ends_the_copy(
+    dsn: str, postgresql: psycopg.Connection[Any], how: str
+) -> None:
+    """A chunk with a record COPY cannot write exactly (an observation time the merge
+    computes in float8) is merged between two COPYs."""
+    records: list[dict[str, Any]] = [
+        {"source_link": f"https://run/{i:03d}", "observed_at": T0, "city": f"c{i}"}
+        for i in range(60)
+    ]
+    # the sorted order is by partition first: take a record from the middle of it
+    order = sorted(range(60), key=lambda i: _sort_key(records[i]["source_link"]))
+    records[order[30]]["observed_at"] = datetime(1500, 1, 1, tzinfo=UTC)
+    (merged, copied), reports, up = both_ways(dsn, postgresql, records, how=how, chunk_rows=10)
+    assert copied == merged
+    _same_reports(*reports)
+    assert (up.copy_attempts, up.copy_fallbacks) == (2, 0)
+
+
+def test_copy_rows_counts_the_whole_call(dsn: str, postgresql: psycopg.Connection[Any]) -> None:
+    with Upserter(dsn, server_id="s", copy_rows=50, chunk_rows=20) as up:
+        up.upsert([{"source_link": f"https://w/{i}", "observed_at": T0} for i in range(49)])
+        assert up.copy_attempts == 0
+        up.upsert([{"source_link": f"https://w2/{i}", "observed_at": T0} for i in range(50)])
+        assert up.copy_attempts == 1
+    total = postgresql.execute("SELECT count(*) FROM zen_contacts").fetchone()
+    assert total == (99,)
+
+
+def _sort_key(link: str) -> tuple[int, int, str]:
+    (key,), (part,) = route([link])
+    return part, key, link
