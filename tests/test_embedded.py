@@ -79,18 +79,30 @@ def test_restart_keeps_data() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_clean_up(sig: signal.Signals) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD + "\n" if sig == signal.SIGINT else _sigterm_child()],
+        [sys.executable, "-c", _sigint_child() if sig == signal.SIGINT else _sigterm_child()],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert child.stdout is not None
-    datadir, pid, _port = child.stdout.readline().split()
-    assert Path(datadir).exists()
-    child.send_signal(sig)
-    child.wait(timeout=60)
-    child.stdout.close()
+    try:
+        datadir, pid, _port = child.stdout.readline().split()
+        assert Path(datadir).exists()
+        child.send_signal(sig)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:  # do not leak it into the next tests
+            child.kill()
+            child.wait()
+        child.stdout.close()
     assert _wait_gone(int(pid))
     assert not Path(datadir).parent.exists()
+
+
+def _sigint_child() -> str:
+    # Ctrl-C reaches a process whose SIGINT has its default handler; a test run started
+    # in the background by a shell without job control inherits SIGINT ignored (and
+    # Python then keeps it ignored), so the child sets the terminal's case itself.
+    return "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n" + CHILD
 
 
 def _sigterm_child() -> str:
