@@ -277,13 +277,13 @@ def run_copy_path(dsn: str, rows: int, size: int, *, build: bool) -> float:
                 with conn.cursor() as cur:
                     cur.execute(q["copy_clock"]).fetchone()
                     cur.execute(q["savepoint"])
-                    copy_cur = up._copy_cursor(conn)
-                    for c in built:
-                        assert c is not None
-                        with copy_cur.copy(up._copy_sql) as cp:
-                            cp.set_types(_COPY_PATH_TYPES)
-                            for tup in c.tuples:
-                                cp.write_row(tup)
+                    with up._copy_cursor(conn) as copy_cur:
+                        for c in built:
+                            assert c is not None
+                            with copy_cur.copy(up._copy_sql) as cp:
+                                cp.set_types(_COPY_PATH_TYPES)
+                                for tup in c.tuples:
+                                    cp.write_row(tup)
                     cur.execute(q["release"])
                 conn.commit()
                 total += time.perf_counter() - t

@@ -84,17 +84,6 @@ _STAGE_TYPES: dict[str, str] = {
     "emails_validated": "jsonb",
     "whatsapp_validated": "jsonb",
 }
-_COPY_TYPES = [
-    "int4",
-    "int4",
-    "int4",
-    "text",
-    "int8",
-    *(_STAGE_TYPES.get(c, "text") for c in SCALAR_COLUMNS),
-    "text[]",
-    "text[]",
-    "text[]",
-]
 #: The COPY path's columns and binary types (`Upserter._copy_tuples` builds the rows):
 #: the merge's inserted values, rating as numeric (the server rounds it to numeric(2, 1)
 #: the way the merge's cast does).
