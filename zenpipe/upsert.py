@@ -3,9 +3,10 @@
 One call to `Upserter.upsert` computes every link's partition key at once
 (`zenpipe.keys.route`), sorts the batch by (partition, key, link), then, chunk by chunk
 in that order, validates the records in Python (`zenpipe.validate`, in a helper thread
-one chunk ahead), COPYs them in binary into a transaction-scoped staging table and
-merges them with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``.  Rejected records
-go to ``zen_rejects`` in the same transaction; the rest commits.  See
+one chunk ahead) and merges each chunk's rounds with one ``INSERT ... SELECT ...
+ON CONFLICT DO UPDATE`` over bound arrays; in a large call, chunks of links that do not
+exist yet go by binary COPY instead (falling back to the merge).  Rejected records go to
+``zen_rejects`` in the same transaction; the rest commits.  See
 ``docs/upserting.md`` for the merge rules column by column.
 
 The merge is order-independent: arrays are unioned, each scalar keeps the value of its
@@ -69,7 +70,8 @@ __all__ = ["SCALAR_COLUMNS", "Rejection", "UpsertReport", "Upserter"]
 #: Scalar columns merged by observation time, in ``zen_contacts.observed_us`` slot order.
 SCALAR_COLUMNS: tuple[str, ...] = (*(name for name, _ in SCALAR_FIELDS), "last_scrape_server")
 
-_STAGE_TYPES: dict[str, str] = {
+#: The type of each column that is not text: the COPY path's binary types, the JSON columns.
+_BINARY_TYPES: dict[str, str] = {
     "source_id": "int8",
     "price_level": "int2",
     "latitude": "float8",
@@ -101,7 +103,7 @@ _COPY_COLUMNS: tuple[str, ...] = (
 _COPY_PATH_TYPES = [
     "int4",
     "text",
-    *("numeric" if c == "rating" else _STAGE_TYPES.get(c, "text") for c in SCALAR_COLUMNS),
+    *("numeric" if c == "rating" else _BINARY_TYPES.get(c, "text") for c in SCALAR_COLUMNS),
     "text[]",
     "text[]",
     "text[]",
@@ -117,7 +119,7 @@ _JSON_BINARY = b"\x01"
 _COPY_JSON: tuple[tuple[int, bytes | None], ...] = tuple(
     (j, None if c == "opening_hours" else _JSON_BINARY + b"{}")
     for j, c in enumerate(SCALAR_COLUMNS)
-    if _STAGE_TYPES.get(c) == "jsonb"
+    if _BINARY_TYPES.get(c) == "jsonb"
 )
 #: Default Upserter copy_rows: the smallest call whose chunks go by COPY (measured:
 #: docs/upserting.md, "COPY path").
@@ -182,7 +184,7 @@ def _text_array(items: Sequence[str]) -> bytes:
 
 
 _REJECT_TYPES = ["text", "int4", "text", "text", "text", "text", "jsonb", "jsonb", "bool"]
-_JSON_COLUMNS = frozenset(c for c, t in _STAGE_TYPES.items() if t == "jsonb")
+_JSON_COLUMNS = frozenset(c for c, t in _BINARY_TYPES.items() if t == "jsonb")
 
 #: SQLSTATE classes that mean "this row's data", not "this connection": bisect on them.
 #: 22 data exception, 23 integrity constraint violation, 54 program limit exceeded
@@ -551,7 +553,7 @@ class Upserter:
             if conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 raise UpsertError(
                     "upsert(conn=...) needs a connection in a transaction (autocommit is on "
-                    "and no transaction is open): the staging table would vanish"
+                    "and no transaction is open): each statement would commit on its own"
                 )
             return self._report(prepared, self._write(conn, prepared), retries=0)
         groups = self._groups(prepared)
@@ -893,7 +895,7 @@ class Upserter:
         key: uuid.UUID | None = None,
         after: Callable[[psycopg.Connection[Any], int, int], None] | None = None,
     ) -> _Written:
-        """Stage and merge round by round inside *conn*'s open transaction, each merge in
+        """Merge round by round inside *conn*'s open transaction, each merge in
         a savepoint so that a data error bisects its rows out; store rejects; no commit.
         The careful path: a caller's transaction (``conn=``), a retry, or a fast write
         that met a row PostgreSQL refuses.  With *key*, writes nothing when an earlier
