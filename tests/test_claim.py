@@ -17,9 +17,11 @@ from psycopg.types.json import Jsonb
 
 from zenpipe import cli
 from zenpipe.claim import Batch, Claimer, claim_lock_key, requeue
+from zenpipe.config import Settings
 from zenpipe.errors import StaleClaimError
 from zenpipe.keys import hashtext, partition_of
 from zenpipe.locks import NAMESPACE_CLAIM
+from zenpipe.pool import guarded_pool
 from zenpipe.queries import load
 
 Conn = psycopg.Connection[Any]
@@ -737,6 +739,35 @@ def test_claims_through_pgbouncer_in_transaction_mode(dsn: str, pgbouncer_dsn: s
         assert row(dsn, poison)["status"] == "failed"
         assert requeue(pgbouncer_dsn, [poison]) == 1
     assert statuses(dsn) == {"done": 60, "pending": 1}
+    assert_no_leaks(dsn)
+
+
+@pytest.mark.pgbouncer
+def test_behind_pgbouncer_a_claim_carries_the_pool_timeouts(dsn: str, pgbouncer_dsn: str) -> None:
+    """Behind PgBouncer a claim is one pipeline (BEGIN, the timeouts, the claim,
+    COMMIT): the timeouts must be in it, or a claim stuck behind a row lock would wait
+    for ever instead of failing at ``lock_timeout``."""
+    fill(dsn, 5)
+    settings = Settings(lock_timeout="300ms", statement_timeout="20s")
+    pool = guarded_pool(pgbouncer_dsn, name="pbt", min_size=1, max_size=2, settings=settings)
+    out: dict[str, Any] = {}
+    with psycopg.connect(dsn) as blocker, pool, Claimer(pool, owner="pb", retries=1) as c:
+        assert pool.pgbouncer is True
+        blocker.execute("SELECT id FROM results FOR UPDATE")
+
+        def claim() -> None:
+            try:
+                out["batch"] = c.claim()
+            except BaseException as e:
+                out["error"] = e
+
+        t = threading.Thread(target=claim)
+        t.start()
+        t.join(60)  # a bound, not a pace: the claim fails within 2 x 300 ms
+        blocker.rollback()
+        t.join()
+        assert isinstance(out.get("error"), psycopg.errors.LockNotAvailable), out
+        assert c.claim().ids != []  # unblocked, the same pool claims
     assert_no_leaks(dsn)
 
 

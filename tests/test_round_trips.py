@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from helpers import assert_no_leaks
 
 from zenpipe.claim import Claim
@@ -150,3 +151,30 @@ def test_claim_function_runs_the_statements_of_claim_sql(dsn: str) -> None:
         row = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'zen_claim_v4'").fetchone()
     assert row is not None
     assert lock_ctes in _normalized(row[0])
+
+
+@pytest.mark.pgbouncer
+def test_behind_pgbouncer_a_batch_takes_the_fast_write(pgbouncer_dsn: str, dsn: str) -> None:
+    """Behind PgBouncer in transaction mode the pool sets the timeouts per transaction;
+    the write still takes its fast path (settle, merge, completion and bookkeeping in
+    one pipeline) with the timeouts inside each of its transactions, and the claim is
+    one round trip with its timeouts: 3 round trips per batch as on a direct
+    connection, not the careful path's savepoints and separate bookkeeping."""
+    batches = 5
+    _fill(dsn, 100 * (batches + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = _traced_worker(pgbouncer_dsn, Path(tmp))
+        worker, traced = next(gen)
+        assert traced.pool.pgbouncer is True
+        assert worker.run_once() == 100
+        before = traced.round_trips()
+        for _ in range(batches):
+            assert worker.run_once() == 100
+        per_batch = (traced.round_trips() - before) / batches
+        gen.close()
+    assert per_batch <= 3.4, per_batch
+    with psycopg.connect(dsn) as conn:
+        jobs = conn.execute("SELECT count(*), sum(rows_written) FROM zen_jobs").fetchone()
+        done = conn.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone()
+    assert jobs == (batches + 1, 600)
+    assert done == (600,)

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from zenpipe import keys, queries
 from zenpipe.claim import Claimer
+from zenpipe.config import Settings
 from zenpipe.errors import EmptyBatchError, UpsertError
+from zenpipe.pool import guarded_pool
 from zenpipe.upsert import SCALAR_COLUMNS, Upserter
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -374,6 +376,92 @@ def test_works_behind_pgbouncer_transaction_mode(
     assert one(postgresql, "SELECT sum(scrape_count), sum(emails_count) FROM zen_contacts") == (
         250,
         250,
+    )
+
+
+@pytest.mark.pgbouncer
+def test_behind_pgbouncer_the_fast_write_carries_the_pool_timeouts(
+    dsn: str, pgbouncer_dsn: str, postgresql: psycopg.Connection[Any]
+) -> None:
+    """Behind PgBouncer the pool opens no transaction for the fast write: its own
+    transactions set the timeouts (seen from inside, by the bookkeeping hook, which runs
+    only on the fast path), and a merge stuck behind a row lock fails at lock_timeout.
+    A batch with a row PostgreSQL refuses falls back to the careful write, which
+    carries them too."""
+    settings = Settings(lock_timeout="300ms", statement_timeout="20s")
+    pool = guarded_pool(pgbouncer_dsn, name="pbw", min_size=1, max_size=3, settings=settings)
+    postgresql.execute(
+        "INSERT INTO results (link, data)"
+        " SELECT 'https://pbw/' || g, '{}' FROM generate_series(1, 3) g"
+    )
+    # a constraint the writer cannot foresee (see test_rows_postgresql_refuses_...)
+    postgresql.execute("CREATE TABLE known_places (place_id text PRIMARY KEY)")
+    postgresql.execute(
+        "ALTER TABLE zen_contacts ADD CONSTRAINT zen_contacts_place_id_fkey "
+        "FOREIGN KEY (place_id) REFERENCES known_places (place_id)"
+    )
+    postgresql.commit()
+    seen: list[tuple[Any, ...]] = []
+
+    def after(conn: psycopg.Connection[Any], written: int, rejected: int) -> None:
+        row = conn.execute(
+            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
+        ).fetchone()
+        assert row is not None
+        seen.append(row)
+
+    with (
+        pool,
+        Claimer(pool, owner="pbw") as claimer,
+        Upserter(pool, server_id="pbw", max_retries=0, chunk_rows=1) as up,
+    ):
+        assert pool.pgbouncer is True
+        batch = claimer.claim()
+        records = [{"source_link": c.link, "source_id": c.id} for c in batch.claims]
+        report = up.upsert_and_complete(records, claimer, batch, settling=True, after=after)
+        assert report.after_committed is True and report.written == 3
+        assert seen == [("300ms", "20s")]
+        # A link merged before https://pbw/1 (chunks go in partition order), with an
+        # unknown place: the fast write fails on it, never reaching the lock, and the
+        # careful write then meets the lock.
+        first = keys.partition_of(keys.hashtext("https://pbw/1"))
+        bad = next(
+            f"https://pbw/{i}"
+            for i in range(2, 1000)
+            if keys.partition_of(keys.hashtext(f"https://pbw/{i}")) < first
+        )
+        out: dict[str, Any] = {}
+
+        def write(records: list[dict[str, Any]]) -> None:
+            try:
+                out["report"] = up.upsert(records)
+            except BaseException as e:
+                out["error"] = e
+
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute(
+                "SELECT 1 FROM zen_contacts WHERE source_link = 'https://pbw/1' FOR UPDATE"
+            )
+            for records in (
+                [{"source_link": "https://pbw/1"}],  # the fast write meets the lock
+                [{"source_link": "https://pbw/1"}, {"source_link": bad, "place_id": "nowhere"}],
+            ):
+                out.clear()
+                t = threading.Thread(target=write, args=(records,))
+                t.start()
+                t.join(60)  # a bound, not a pace: the write fails within 300 ms
+                assert isinstance(out.get("error"), psycopg.errors.LockNotAvailable), out
+            blocker.rollback()
+        report = up.upsert(
+            [{"source_link": "https://pbw/1"}, {"source_link": bad, "place_id": "x"}]
+        )
+        assert report.written == 1
+        assert [(r.link, r.reason) for r in report.rejections] == [
+            (bad, "db_foreign_key_violation")
+        ]
+    link = "https://pbw/1"
+    assert (
+        one(postgresql, "SELECT scrape_count FROM zen_contacts WHERE source_link = %s", link) == 2
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from .errors import StaleClaimError, is_transient
 from .locks import NAMESPACE_CLAIM
-from .pool import guarded_pool
+from .pool import bare_connection, guarded_pool, local_timeouts
 from .queries import load
 
 __all__ = ["Batch", "Claim", "Claimer", "claim_lock_key", "requeue"]
@@ -226,19 +226,33 @@ class Claimer:
             _check_open(conn)
             return self._claim_in(conn, n, exact=True)
         self._park_exhausted()
-        return self._retrying(lambda c: self._claim_own(c, n))
+        return self._retrying(lambda c: self._claim_own(c, n), bare=True)
 
     def _claim_own(self, conn: Conn, n: int) -> Batch:
-        # Its own transaction. On an idle (direct) connection the claim is one statement
-        # in autocommit: its own transaction, one round trip.  Behind PgBouncer the pool
-        # has opened the transaction already (with its timeouts): commit it.
+        # Its own transaction, one round trip. On a direct connection the claim is one
+        # statement in autocommit; behind PgBouncer (the pool opened no transaction:
+        # `bare_connection`) BEGIN, the timeouts, the claim and COMMIT in one pipeline.
+        # Another pool may have opened the transaction already: commit it.
         if conn.info.transaction_status == pq.TransactionStatus.IDLE:
             conn.autocommit = True
             try:
-                return self._claim_in(conn, n, exact=False)
+                timeouts = local_timeouts(self._pool)
+                if timeouts is None:
+                    return self._claim_in(conn, n, exact=False)
+                q = self._queries
+                with conn.pipeline():
+                    conn.execute(q["begin"])
+                    conn.execute(*timeouts)
+                    cur, claim_id = self._send_claim(conn, n, exact=False)
+                    conn.execute(q["commit"])
+                return self._claimed(cur, claim_id)
             finally:
-                if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                    conn.autocommit = False
+                if not conn.closed:
+                    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                        with suppress(psycopg.Error):  # lost: the pool discards it
+                            conn.execute(self._queries["rollback"])
+                    if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                        conn.autocommit = False
         try:
             batch = self._claim_in(conn, n, exact=False)
             conn.commit()
@@ -254,6 +268,11 @@ class Claimer:
         (a caller's), so a raced attempt is redone until it holds no lock beyond its
         rows; otherwise a raced attempt keeps the rows it took (the commit that follows
         releases every lock)."""
+        cur, claim_id = self._send_claim(conn, n, exact=exact)
+        return self._claimed(cur, claim_id)
+
+    def _send_claim(self, conn: Conn, n: int, *, exact: bool) -> tuple[psycopg.Cursor[Any], UUID]:
+        """Execute the claim call (in a pipeline: queue it) on a new cursor."""
         claim_id = uuid4()
         params = {
             "owner": self.owner,
@@ -271,7 +290,12 @@ class Claimer:
         cur = conn.cursor()
         # orjson parses the rows' raw data several times faster than json.
         set_json_loads(orjson.loads, cur)
-        row = cur.execute(self._queries["claim"], params).fetchone()
+        cur.execute(self._queries["claim"], params)
+        return cur, claim_id
+
+    def _claimed(self, cur: psycopg.Cursor[Any], claim_id: UUID) -> Batch:
+        """The batch the claim call executed on *cur* returned."""
+        row = cur.fetchone()
         assert row is not None
         ids, tokens, attempts, links, data, priorities, leases, contended, retry_in, races = row
         if races:
@@ -499,14 +523,19 @@ class Claimer:
             raise
         conn.execute(q["release"])
 
-    def _retrying(self, fn: Callable[[Conn], T]) -> T:
+    def _retrying(self, fn: Callable[[Conn], T], *, bare: bool = False) -> T:
+        """*fn* on a pooled connection, retried on transient errors.  *bare*: *fn* sets
+        the timeouts itself behind PgBouncer (`zenpipe.pool.bare_connection`)."""
         for attempt in Retrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(self.retries),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             reraise=True,
         ):
-            with attempt, self._pool.connection() as conn:
+            with (
+                attempt,
+                bare_connection(self._pool) if bare else self._pool.connection() as conn,
+            ):
                 return fn(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -23,6 +23,7 @@ connection policy: the timeouts and the PgBouncer handling of `ZenPool`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
@@ -69,10 +71,12 @@ __all__ = [
     "FleetStatus",
     "PoolMetrics",
     "ZenPool",
+    "bare_connection",
     "connect_kwargs",
     "detect_pgbouncer",
     "fleet_status",
     "guarded_pool",
+    "local_timeouts",
 ]
 
 logger = logging.getLogger("zenpipe.pool")
@@ -750,7 +754,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
             ) from e
 
     @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Conn]:
+    def connection(self, timeout: float | None = None, *, timeouts: bool = True) -> Iterator[Conn]:
         """A connection for the ``with`` block, returned to the pool at its end.
 
         Waits and raises as `getconn`.  Behind PgBouncer, when the connection is not in
@@ -758,12 +762,23 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
         for that transaction (``set_config(..., true)``): the only setting that cannot
         leak to, or be lost on, a shared server connection.  A block that commits and
         goes on, or uses autocommit, runs its later transactions without them (see
-        `apply_timeouts`).
+        `apply_timeouts`).  With ``timeouts=False`` the block gets the connection idle
+        and sets them itself in each transaction it opens (`local_timeouts`): a block
+        that sends its transaction in one pipeline saves the round trip of a separate
+        statement.
         """
         with super().connection(timeout) as conn:
-            if self.pgbouncer and not conn.autocommit:
+            if timeouts and self.pgbouncer and not conn.autocommit:
                 self.apply_timeouts(conn)
             yield conn
+
+    def local_timeouts(self) -> tuple[sql.SQL, tuple[str, str, str]] | None:
+        """The statement and parameters that set the configured timeouts for the current
+        transaction, when connections need them per transaction (behind PgBouncer);
+        None on a direct connection, which has them for the whole session."""
+        if not self.pgbouncer:
+            return None
+        return load("pool")["set_local_timeouts"], self._local_timeouts
 
     def apply_timeouts(self, conn: Conn) -> None:
         """Set the configured timeouts for *conn*'s current transaction only.
@@ -937,6 +952,25 @@ def guarded_pool(
         pool_floor=min(base.pool_floor, max_size),
     )
     return ZenPool(s, fleet=fleet, open=open, name=name)
+
+
+def bare_connection(
+    pool: psycopg_pool.ConnectionPool[Any], timeout: float | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """*pool*'s ``connection()`` with no transaction opened for the timeouts (a
+    `ZenPool` behind PgBouncer opens one): the caller sets them itself in each
+    transaction it opens, with `local_timeouts`."""
+    if isinstance(pool, ZenPool):
+        return pool.connection(timeout, timeouts=False)
+    return pool.connection(timeout)
+
+
+def local_timeouts(
+    pool: psycopg_pool.ConnectionPool[Any],
+) -> tuple[sql.SQL, tuple[str, str, str]] | None:
+    """`ZenPool.local_timeouts` for a `ZenPool`; None for another pool (its connections
+    carry whatever their caller configured)."""
+    return pool.local_timeouts() if isinstance(pool, ZenPool) else None
 
 
 # -- fleet figures -------------------------------------------------------------------

@@ -50,7 +50,7 @@ from . import queries
 from .claim import stale_from
 from .errors import EmptyBatchError, UpsertError, is_transient
 from .keys import route
-from .pool import guarded_pool
+from .pool import bare_connection, guarded_pool, local_timeouts
 from .validate import (
     MAX_FUTURE_US,
     MAX_INDEXED_TEXT_BYTES,
@@ -661,15 +661,20 @@ class Upserter:
                 run_after(conn, written, rejected)
                 after_ran = True
 
+        # Behind PgBouncer the first attempt's transactions carry their own timeouts (in
+        # the fast path's pipelines): the pool then opens no transaction for them.
+        timeouts = local_timeouts(self._pool)
         for attempt in retrying:
             with attempt:
                 attempts += 1
-                with self._pool.connection() as conn:
+                with (
+                    bare_connection(self._pool) if attempts == 1 else self._pool.connection()
+                ) as conn:
                     if attempts == 1 and conn.info.transaction_status == pq.TransactionStatus.IDLE:
                         try:
                             fast = self._write_fast(
                                 conn, prepared, key=key, claimer=claimer, batch=batch,
-                                settling=settling, after=hooked,
+                                settling=settling, after=hooked, timeouts=timeouts,
                             )  # fmt: skip
                         except psycopg.Error as e:
                             # In pipeline mode the settle functions' ZC002 may surface at
@@ -687,6 +692,8 @@ class Upserter:
                             )
                             return report
                         settling = False  # the fast path committed the mark already
+                        if timeouts is not None:
+                            conn.execute(*timeouts)  # the careful write's transaction
                     if settling and claimer is not None and batch is not None:
                         claimer.extend(batch, settling=True)
                         settling = False
@@ -971,14 +978,17 @@ class Upserter:
         batch: Batch | None,
         settling: bool,
         after: Callable[[psycopg.Connection[Any], int, int], None] | None,
+        timeouts: tuple[Any, Any] | None = None,
     ) -> _Written | None:
-        """The whole write in two round trips on an idle direct connection, in psycopg's
+        """The whole write in two round trips on an idle connection, in psycopg's
         pipeline mode with the transactions spelled out: (1) the settling mark in its own
         committed transaction, then BEGIN, every round's merge, the known rejects and
         the completion; (2) the rejects the merge left out, the bookkeeping (*after*)
-        and COMMIT.  No savepoint: a row PostgreSQL refuses rolls the transaction back
-        and None is returned (the caller then writes carefully, bisecting).  Raises
-        `StaleClaimError` (rolled back, nothing written) when the batch is no longer held.
+        and COMMIT.  *timeouts* (behind PgBouncer: `zenpipe.pool.local_timeouts`) opens
+        each transaction, in the same round trip.  No savepoint: a row PostgreSQL
+        refuses rolls the transaction back and None is returned (the caller then writes
+        carefully, bisecting).  Raises `StaleClaimError` (rolled back, nothing written)
+        when the batch is no longer held.
         """
         q = self._queries
         statements = 0
@@ -991,12 +1001,16 @@ class Upserter:
                 held: list[tuple[psycopg.Cursor[Any], None]] = []
                 if settling and claimer is not None and batch is not None:
                     cur.execute(q["begin"])
+                    if timeouts is not None:
+                        cur.execute(*timeouts)
                     for query, params in claimer.statements("extend_settling", batch.claims):
                         held.append((conn.cursor(), None))
                         held[-1][0].execute(query, params)
                     cur.execute(q["commit"])
                     statements += len(held)
                 cur.execute(q["begin"])
+                if timeouts is not None:
+                    cur.execute(*timeouts)
                 if key is not None:
                     statements += 1
                     if not self._take_key(cur, key):

@@ -326,3 +326,14 @@ RELEASE SAVEPOINT zen_claim;
 
 -- name: rollback_to
 ROLLBACK TO SAVEPOINT zen_claim;
+
+-- name: begin
+-- A claim behind PgBouncer spells its transaction out (autocommit connection in
+-- pipeline mode), so that the timeouts, the claim and its commit share one round trip.
+BEGIN;
+
+-- name: commit
+COMMIT;
+
+-- name: rollback
+ROLLBACK;
