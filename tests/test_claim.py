@@ -767,7 +767,26 @@ def test_behind_pgbouncer_a_claim_carries_the_pool_timeouts(dsn: str, pgbouncer_
         blocker.rollback()
         t.join()
         assert isinstance(out.get("error"), psycopg.errors.LockNotAvailable), out
-        assert c.claim().ids != []  # unblocked, the same pool claims
+        batch = c.claim()  # unblocked, the same pool claims
+        assert len(batch.ids) == 5
+        # the completion too: one pipeline with the timeouts
+        blocker.execute("SELECT id FROM results WHERE id = ANY(%s) FOR UPDATE", (batch.ids,))
+        out.clear()
+
+        def complete() -> None:
+            try:
+                c.complete(batch)
+            except BaseException as e:
+                out["error"] = e
+
+        t = threading.Thread(target=complete)
+        t.start()
+        t.join(60)
+        blocker.rollback()
+        t.join()
+        assert isinstance(out.get("error"), psycopg.errors.LockNotAvailable), out
+        c.complete(batch)
+    assert statuses(dsn) == {"done": 5}
     assert_no_leaks(dsn)
 
 

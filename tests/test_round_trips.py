@@ -178,3 +178,36 @@ def test_behind_pgbouncer_a_batch_takes_the_fast_write(pgbouncer_dsn: str, dsn: 
         done = conn.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone()
     assert jobs == (batches + 1, 600)
     assert done == (600,)
+
+
+@pytest.mark.pgbouncer
+def test_behind_pgbouncer_claim_and_complete_take_one_round_trip_each(
+    pgbouncer_dsn: str, dsn: str
+) -> None:
+    """`Claimer.claim()` and `Claimer.complete()` on their own behind PgBouncer: each
+    is BEGIN, the pool's timeouts, the statement and COMMIT in one pipeline (3 round
+    trips each when the pool opened the transaction for the timeouts)."""
+    from zenpipe.claim import Claimer
+
+    batches = 5
+    _fill(dsn, 50 * (batches + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = guarded_pool(pgbouncer_dsn, name="rtc", min_size=1, max_size=2)
+        traced = TracedPool(pool, Path(tmp))
+        try:
+            with Claimer(pool, owner="rtc", batch_size=50) as claimer:
+                claimer.complete(claimer.claim())  # warm-up, and the first park_exhausted
+                before = traced.round_trips()
+                for _ in range(batches):
+                    batch = claimer.claim()
+                    assert len(batch.ids) == 50
+                    claimer.complete(batch)
+                per_batch = (traced.round_trips() - before) / batches
+        finally:
+            traced.close()
+            pool.close()
+    assert pool.pgbouncer is True
+    assert per_batch == 2, per_batch
+    with psycopg.connect(dsn) as conn:
+        done = conn.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone()
+    assert done == (50 * (batches + 1),)

@@ -229,30 +229,18 @@ class Claimer:
         return self._retrying(lambda c: self._claim_own(c, n), bare=True)
 
     def _claim_own(self, conn: Conn, n: int) -> Batch:
-        # Its own transaction, one round trip. On a direct connection the claim is one
-        # statement in autocommit; behind PgBouncer (the pool opened no transaction:
-        # `bare_connection`) BEGIN, the timeouts, the claim and COMMIT in one pipeline.
-        # Another pool may have opened the transaction already: commit it.
+        # Its own transaction, one round trip (`_one_trip`).  Another pool may have
+        # opened the transaction already: commit it.
         if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-            conn.autocommit = True
-            try:
-                timeouts = local_timeouts(self._pool)
-                if timeouts is None:
-                    return self._claim_in(conn, n, exact=False)
-                q = self._queries
-                with conn.pipeline():
-                    conn.execute(q["begin"])
-                    conn.execute(*timeouts)
-                    cur, claim_id = self._send_claim(conn, n, exact=False)
-                    conn.execute(q["commit"])
-                return self._claimed(cur, claim_id)
-            finally:
-                if not conn.closed:
-                    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                        with suppress(psycopg.Error):  # lost: the pool discards it
-                            conn.execute(self._queries["rollback"])
-                    if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                        conn.autocommit = False
+            claim_id: list[UUID] = []
+
+            def send(c: Conn) -> psycopg.Cursor[Any]:
+                cur, cid = self._send_claim(c, n, exact=False)
+                claim_id.append(cid)
+                return cur
+
+            cur = self._one_trip(conn, send)
+            return self._claimed(cur, claim_id[0])
         try:
             batch = self._claim_in(conn, n, exact=False)
             conn.commit()
@@ -270,6 +258,34 @@ class Claimer:
         releases every lock)."""
         cur, claim_id = self._send_claim(conn, n, exact=exact)
         return self._claimed(cur, claim_id)
+
+    def _one_trip(
+        self, conn: Conn, send: Callable[[Conn], psycopg.Cursor[Any]]
+    ) -> psycopg.Cursor[Any]:
+        """The statement *send* executes on the idle *conn*, as its own transaction in
+        one round trip: alone in autocommit on a direct connection; behind PgBouncer
+        (the pool opened no transaction: `zenpipe.pool.bare_connection`) BEGIN, the
+        pool's timeouts, the statement and COMMIT in one pipeline.  Returns *send*'s
+        cursor, its rows ready; raises the statement's error (rolled back)."""
+        q = self._queries
+        conn.autocommit = True
+        try:
+            timeouts = local_timeouts(self._pool)
+            if timeouts is None:
+                return send(conn)
+            with conn.pipeline():
+                conn.execute(q["begin"])
+                conn.execute(*timeouts)
+                cur = send(conn)
+                conn.execute(q["commit"])
+            return cur
+        finally:
+            if not conn.closed:
+                if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    with suppress(psycopg.Error):  # lost: the pool discards it
+                        conn.execute(q["rollback"])
+                if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                    conn.autocommit = False
 
     def _send_claim(self, conn: Conn, n: int, *, exact: bool) -> tuple[psycopg.Cursor[Any], UUID]:
         """Execute the claim call (in a pipeline: queue it) on a new cursor."""
@@ -456,25 +472,27 @@ class Claimer:
                 operation == "complete"
                 and len(groups) == 1
                 and c.info.transaction_status == pq.TransactionStatus.IDLE
-            ):  # direct: one all-or-nothing statement in autocommit, one round trip
-                c.autocommit = True
+            ):  # one all-or-nothing statement, its own transaction, one round trip
                 try:
-                    rows = c.execute(self._queries["complete_own"], groups[0]).fetchall()
+                    cur = self._one_trip(
+                        c, lambda c: c.execute(self._queries["complete_own"], groups[0])
+                    )
+                    rows = cur.fetchall()
                 except psycopg.Error as e:
                     stale = stale_from(e, "complete")
                     if stale is None:
                         raise
                     raise stale from None
-                finally:
-                    if not c.closed and c.info.transaction_status == pq.TransactionStatus.IDLE:
-                        c.autocommit = False
                 _check_all(claims, rows, operation)
                 return
             with c.transaction():
+                if timeouts is not None:  # behind PgBouncer: the connection is bare
+                    c.execute(*timeouts)
                 rows = [r for g in groups for r in c.execute(query, g)]
                 _check_all(claims, rows, operation)
 
-        self._retrying(own)
+        timeouts = local_timeouts(self._pool)
+        self._retrying(own, bare=True)
 
     def statements(
         self, operation: str, claims: Sequence[Claim], **extra: Any
