@@ -211,3 +211,34 @@ def test_behind_pgbouncer_claim_and_complete_take_one_round_trip_each(
     with psycopg.connect(dsn) as conn:
         done = conn.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone()
     assert done == (50 * (batches + 1),)
+
+
+@pytest.mark.parametrize("via", ["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)])
+def test_parking_exhausted_rows_takes_one_round_trip(
+    dsn: str, request: pytest.FixtureRequest, via: str
+) -> None:
+    """The claimer's periodic `park_exhausted` (every ``lease_seconds / 4``) is one
+    statement in its own transaction, one round trip: it took 3 on a direct connection
+    (BEGIN, the statement, COMMIT) and 6 behind PgBouncer."""
+    from zenpipe.claim import Claimer
+
+    target = dsn if via == "direct" else request.getfixturevalue("pgbouncer_dsn")
+    _fill(dsn, 150)
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = guarded_pool(target, name="rtp", min_size=1, max_size=2)
+        traced = TracedPool(pool, Path(tmp))
+        try:
+            with Claimer(pool, owner="rtp", batch_size=50) as claimer:
+                claimer.complete(claimer.claim())  # warm-up, and the first park
+                before = traced.round_trips()
+                claimer.complete(claimer.claim())
+                plain = traced.round_trips() - before
+                claimer._next_park = 0.0  # the park is due again
+                before = traced.round_trips()
+                claimer.complete(claimer.claim())
+                parked = traced.round_trips() - before
+        finally:
+            traced.close()
+            pool.close()
+    assert pool.pgbouncer is (via == "pgbouncer")
+    assert (plain, parked) == (2, 3)

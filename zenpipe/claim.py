@@ -334,14 +334,19 @@ class Claimer:
             return
         self._next_park = now + self.lease_seconds / 4
 
+        q = self._queries
+        params = {"max_attempts": self.max_attempts}
+
         def park(conn: Conn) -> list[int]:
-            with conn.transaction():
-                rows = conn.execute(
-                    self._queries["park_exhausted"], {"max_attempts": self.max_attempts}
-                ).fetchall()
+            if conn.info.transaction_status == pq.TransactionStatus.IDLE:  # one round trip
+                cur = self._one_trip(conn, lambda c: c.execute(q["park_exhausted"], params))
+                rows = cur.fetchall()
+            else:  # another pool opened the transaction: commit it
+                with conn.transaction():
+                    rows = conn.execute(q["park_exhausted"], params).fetchall()
             return [int(r[0]) for r in rows]
 
-        parked = self._retrying(park)
+        parked = self._retrying(park, bare=True)
         if parked:
             self.parked += len(parked)
             logger.warning(
