@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import psycopg
 import pytest
 from helpers import assert_no_leaks
 
-from zenpipe.claim import Claim
+from zenpipe.claim import Claim, Claimer
 from zenpipe.pool import ZenPool, guarded_pool
 from zenpipe.queries import load
 from zenpipe.worker import Worker
@@ -180,6 +181,22 @@ def test_behind_pgbouncer_a_batch_takes_the_fast_write(pgbouncer_dsn: str, dsn: 
     assert done == (600,)
 
 
+@contextmanager
+def _traced_claimer(target: str) -> Iterator[tuple[Claimer, TracedPool]]:
+    """A 50-row Claimer on a traced pool of its own, after a warm-up claim + complete
+    (which also runs the first park_exhausted)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = guarded_pool(target, name="rtc", min_size=1, max_size=2)
+        traced = TracedPool(pool, Path(tmp))
+        try:
+            with Claimer(pool, owner="rtc", batch_size=50) as claimer:
+                claimer.complete(claimer.claim())
+                yield claimer, traced
+        finally:
+            traced.close()
+            pool.close()
+
+
 @pytest.mark.pgbouncer
 def test_behind_pgbouncer_claim_and_complete_take_one_round_trip_each(
     pgbouncer_dsn: str, dsn: str
@@ -187,26 +204,16 @@ def test_behind_pgbouncer_claim_and_complete_take_one_round_trip_each(
     """`Claimer.claim()` and `Claimer.complete()` on their own behind PgBouncer: each
     is BEGIN, the pool's timeouts, the statement and COMMIT in one pipeline (3 round
     trips each when the pool opened the transaction for the timeouts)."""
-    from zenpipe.claim import Claimer
-
     batches = 5
     _fill(dsn, 50 * (batches + 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        pool = guarded_pool(pgbouncer_dsn, name="rtc", min_size=1, max_size=2)
-        traced = TracedPool(pool, Path(tmp))
-        try:
-            with Claimer(pool, owner="rtc", batch_size=50) as claimer:
-                claimer.complete(claimer.claim())  # warm-up, and the first park_exhausted
-                before = traced.round_trips()
-                for _ in range(batches):
-                    batch = claimer.claim()
-                    assert len(batch.ids) == 50
-                    claimer.complete(batch)
-                per_batch = (traced.round_trips() - before) / batches
-        finally:
-            traced.close()
-            pool.close()
-    assert pool.pgbouncer is True
+    with _traced_claimer(pgbouncer_dsn) as (claimer, traced):
+        assert traced.pool.pgbouncer is True
+        before = traced.round_trips()
+        for _ in range(batches):
+            batch = claimer.claim()
+            assert len(batch.ids) == 50
+            claimer.complete(batch)
+        per_batch = (traced.round_trips() - before) / batches
     assert per_batch == 2, per_batch
     with psycopg.connect(dsn) as conn:
         done = conn.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone()
@@ -220,25 +227,15 @@ def test_parking_exhausted_rows_takes_one_round_trip(
     """The claimer's periodic `park_exhausted` (every ``lease_seconds / 4``) is one
     statement in its own transaction, one round trip: it took 3 on a direct connection
     (BEGIN, the statement, COMMIT) and 6 behind PgBouncer."""
-    from zenpipe.claim import Claimer
-
     target = dsn if via == "direct" else request.getfixturevalue("pgbouncer_dsn")
     _fill(dsn, 150)
-    with tempfile.TemporaryDirectory() as tmp:
-        pool = guarded_pool(target, name="rtp", min_size=1, max_size=2)
-        traced = TracedPool(pool, Path(tmp))
-        try:
-            with Claimer(pool, owner="rtp", batch_size=50) as claimer:
-                claimer.complete(claimer.claim())  # warm-up, and the first park
-                before = traced.round_trips()
-                claimer.complete(claimer.claim())
-                plain = traced.round_trips() - before
-                claimer._next_park = 0.0  # the park is due again
-                before = traced.round_trips()
-                claimer.complete(claimer.claim())
-                parked = traced.round_trips() - before
-        finally:
-            traced.close()
-            pool.close()
-    assert pool.pgbouncer is (via == "pgbouncer")
+    with _traced_claimer(target) as (claimer, traced):
+        assert traced.pool.pgbouncer is (via == "pgbouncer")
+        before = traced.round_trips()
+        claimer.complete(claimer.claim())
+        plain = traced.round_trips() - before
+        claimer._next_park = 0.0  # the park is due again
+        before = traced.round_trips()
+        claimer.complete(claimer.claim())
+        parked = traced.round_trips() - before
     assert (plain, parked) == (2, 3)
