@@ -79,7 +79,7 @@ with Claimer(dsn, owner=owner, batch_size=batch_size, lease_seconds=lease) as c,
     batch = c.claim()
     log(side, batch)
     if mode == "hold":
-        print("READY", flush=True)
+        print("READY", len(batch), flush=True)
         time.sleep(3600)
     # hold_tx: write the effects and complete inside a transaction that never commits
     conn = psycopg.connect(dsn)
@@ -198,13 +198,18 @@ def test_many_processes_claim_every_row_exactly_once(dsn: str) -> None:
 
 
 def test_sigkill_mid_batch_loses_nothing(dsn: str) -> None:
-    """A worker SIGKILLed while holding a batch: its rows come back when the 1.5 s lease
-    runs out and the other workers complete them; nothing is done twice."""
+    """A worker SIGKILLed while holding a batch: its rows come back when its lease runs
+    out and the other workers complete them; nothing is done twice."""
     rows = 3_000
     setup(dsn, rows)
-    victims = [spawn(dsn, f"victim{i}", "hold", batch=200, lease=1.5) for i in range(2)]
-    for v in victims:
-        wait_ready(v)
+    # One victim at a time: two claims racing for the same window may each come back
+    # with fewer than 200 rows (a claim takes *up to* its limit), and the counts below
+    # are exact.  CI once saw 393 = 200 + 193 with both victims started together.  The
+    # victims' lease outlasts the second one's start, so it cannot take the first's rows.
+    victims = []
+    for i in range(2):
+        victims.append(spawn(dsn, f"victim{i}", "hold", batch=200, lease=8.0))
+        assert wait_ready(victims[-1])[1:] == ["200"]
     workers = [spawn(dsn, f"w{i}", "drain", threads=2, batch=100, lease=1.5) for i in range(3)]
     for v in victims:
         os.kill(v.pid, signal.SIGKILL)
