@@ -544,7 +544,13 @@ def test_stale_token_is_refused_and_nothing_is_applied(dsn: str) -> None:
         # still slow's token.
         taken = fast.claim()
         assert taken.ids == ids[:2]
-        for op in (slow.complete, slow.extend, lambda b: slow.fail(b, "boom")):
+        for op in (
+            slow.complete,
+            slow.extend,
+            lambda b: slow.extend(b, settling=True),
+            lambda b: slow.fail(b, "boom"),
+            lambda b: slow.fail_each([(c, f"boom {c.id}") for c in b.claims]),
+        ):
             with pytest.raises(StaleClaimError) as info:
                 op(stale)
             assert info.value.ids == ids[:2]
@@ -683,6 +689,23 @@ def test_fail_of_some_claims_releases_only_those(dsn: str, claimer: Claimer) -> 
     claimer.complete(Batch(batch.owner, batch.claims[1:], batch.lease_until))
     assert row(dsn, ids[0])["status"] == "retry"  # back after its backoff
     assert statuses(dsn) == {"retry": 1, "done": 3}
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["own", "caller_transaction"])
+def test_fail_each_keeps_each_rows_error(dsn: str, claimer: Claimer, inside: bool) -> None:
+    """`fail_each`: one statement for the batch, each row with its own error, in its own
+    transaction or in the caller's."""
+    ids = fill(dsn, 3)
+    batch = claimer.claim()
+    failures = [(c, f"HTTP {400 + i} for {c.link}") for i, c in enumerate(batch.claims)]
+    if inside:
+        with psycopg.connect(dsn) as conn:
+            claimer.fail_each(failures, conn=conn)
+            assert statuses(dsn) == {"claimed": 3}  # not committed yet
+    else:
+        claimer.fail_each(failures)
+    assert [row(dsn, i)["last_error"] for i in ids] == [e for _, e in failures]
+    assert statuses(dsn) == {"retry": 3}
 
 
 def test_requeue_any_status_fences_the_live_claim(dsn: str, claimer: Claimer) -> None:

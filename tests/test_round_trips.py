@@ -239,3 +239,42 @@ def test_parking_exhausted_rows_takes_one_round_trip(
         claimer.complete(claimer.claim())
         parked = traced.round_trips() - before
     assert (plain, parked) == (2, 3)
+
+
+def _fail(claim: Claim) -> dict[str, Any]:
+    raise ValueError(f"no contact for {claim.id}")
+
+
+def test_a_batch_of_failures_books_in_one_round_trip(dsn: str) -> None:
+    """A batch whose every row failed, each with an error of its own: one round trip
+    each for the claim, the settling mark, the failures (one statement for the batch,
+    `Claimer.fail_each`) and the bookkeeping (`zenpipe.pool.one_trip`).  It took 307:
+    three per distinct error (BEGIN, UPDATE, COMMIT), three for the mark and three for
+    the bookkeeping."""
+    batches = 3
+    _fill(dsn, 100 * (batches + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = guarded_pool(dsn, name="rtf", min_size=1, max_size=3)
+        traced = TracedPool(pool, Path(tmp))
+        try:
+            with Worker(pool, _fail, server_id="rtf", batch_size=100, pipeline=False) as w:
+                assert w.run_once() == 100  # warm-up: opens and traces the connections
+                w.claimer._next_park = float("inf")  # no periodic park in the count
+                before = traced.round_trips()
+                for _ in range(batches):
+                    assert w.run_once() == 100
+                per_batch = (traced.round_trips() - before) / batches
+        finally:
+            traced.close()
+            pool.close()
+    with psycopg.connect(dsn) as conn:
+        jobs = conn.execute(
+            "SELECT count(*), sum(rows_claimed), sum(rows_written), sum(rows_failed) FROM zen_jobs"
+        ).fetchone()
+    assert jobs == (batches + 1, 100 * (batches + 1), 0, 100 * (batches + 1))
+    assert per_batch == 4, per_batch
+    with psycopg.connect(dsn) as conn:  # each row kept its own error
+        errors = conn.execute(
+            "SELECT count(*) FROM results WHERE last_error = 'ValueError: no contact for ' || id"
+        ).fetchone()
+    assert errors == (100 * (batches + 1),)

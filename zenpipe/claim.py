@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from .errors import StaleClaimError, is_transient
 from .locks import NAMESPACE_CLAIM
-from .pool import bare_connection, guarded_pool, local_timeouts
+from .pool import bare_connection, guarded_pool, local_timeouts, one_trip
 from .queries import load
 
 __all__ = ["Batch", "Claim", "Claimer", "claim_lock_key", "requeue"]
@@ -229,26 +229,10 @@ class Claimer:
         return self._retrying(lambda c: self._claim_own(c, n), bare=True)
 
     def _claim_own(self, conn: Conn, n: int) -> Batch:
-        # Its own transaction, one round trip (`_one_trip`).  Another pool may have
-        # opened the transaction already: commit it.
-        if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-            claim_id: list[UUID] = []
-
-            def send(c: Conn) -> psycopg.Cursor[Any]:
-                cur, cid = self._send_claim(c, n, exact=False)
-                claim_id.append(cid)
-                return cur
-
-            cur = self._one_trip(conn, send)
-            return self._claimed(cur, claim_id[0])
-        try:
-            batch = self._claim_in(conn, n, exact=False)
-            conn.commit()
-        except BaseException:
-            if not conn.closed:
-                conn.rollback()
-            raise
-        return batch
+        # Its own transaction, one round trip (`zenpipe.pool.one_trip`).
+        claim_id = uuid4()
+        cur = one_trip(self._pool, conn, lambda c: self._send_claim(c, n, claim_id, exact=False))
+        return self._claimed(cur, claim_id)
 
     def _claim_in(self, conn: Conn, n: int, *, exact: bool) -> Batch:
         """One `zen_claim_v4` call (query ``claim``): windows, lock, take and race
@@ -256,40 +240,14 @@ class Claimer:
         (a caller's), so a raced attempt is redone until it holds no lock beyond its
         rows; otherwise a raced attempt keeps the rows it took (the commit that follows
         releases every lock)."""
-        cur, claim_id = self._send_claim(conn, n, exact=exact)
-        return self._claimed(cur, claim_id)
-
-    def _one_trip(
-        self, conn: Conn, send: Callable[[Conn], psycopg.Cursor[Any]]
-    ) -> psycopg.Cursor[Any]:
-        """The statement *send* executes on the idle *conn*, as its own transaction in
-        one round trip: alone in autocommit on a direct connection; behind PgBouncer
-        (the pool opened no transaction: `zenpipe.pool.bare_connection`) BEGIN, the
-        pool's timeouts, the statement and COMMIT in one pipeline.  Returns *send*'s
-        cursor, its rows ready; raises the statement's error (rolled back)."""
-        q = self._queries
-        conn.autocommit = True
-        try:
-            timeouts = local_timeouts(self._pool)
-            if timeouts is None:
-                return send(conn)
-            with conn.pipeline():
-                conn.execute(q["begin"])
-                conn.execute(*timeouts)
-                cur = send(conn)
-                conn.execute(q["commit"])
-            return cur
-        finally:
-            if not conn.closed:
-                if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                    with suppress(psycopg.Error):  # lost: the pool discards it
-                        conn.execute(q["rollback"])
-                if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                    conn.autocommit = False
-
-    def _send_claim(self, conn: Conn, n: int, *, exact: bool) -> tuple[psycopg.Cursor[Any], UUID]:
-        """Execute the claim call (in a pipeline: queue it) on a new cursor."""
         claim_id = uuid4()
+        return self._claimed(self._send_claim(conn, n, claim_id, exact=exact), claim_id)
+
+    def _send_claim(
+        self, conn: Conn, n: int, claim_id: UUID, *, exact: bool
+    ) -> psycopg.Cursor[Any]:
+        """Execute the claim call as *claim_id* (in a pipeline: queue it) on a new
+        cursor."""
         params = {
             "owner": self.owner,
             "claim_id": claim_id,
@@ -307,7 +265,7 @@ class Claimer:
         # orjson parses the rows' raw data several times faster than json.
         set_json_loads(orjson.loads, cur)
         cur.execute(self._queries["claim"], params)
-        return cur, claim_id
+        return cur
 
     def _claimed(self, cur: psycopg.Cursor[Any], claim_id: UUID) -> Batch:
         """The batch the claim call executed on *cur* returned."""
@@ -337,14 +295,9 @@ class Claimer:
         q = self._queries
         params = {"max_attempts": self.max_attempts}
 
-        def park(conn: Conn) -> list[int]:
-            if conn.info.transaction_status == pq.TransactionStatus.IDLE:  # one round trip
-                cur = self._one_trip(conn, lambda c: c.execute(q["park_exhausted"], params))
-                rows = cur.fetchall()
-            else:  # another pool opened the transaction: commit it
-                with conn.transaction():
-                    rows = conn.execute(q["park_exhausted"], params).fetchall()
-            return [int(r[0]) for r in rows]
+        def park(conn: Conn) -> list[int]:  # one round trip
+            cur = one_trip(self._pool, conn, lambda c: c.execute(q["park_exhausted"], params))
+            return [int(r[0]) for r in cur.fetchall()]
 
         parked = self._retrying(park, bare=True)
         if parked:
@@ -397,14 +350,10 @@ class Claimer:
         secs = self.lease_seconds if seconds is None else float(seconds)
         if secs <= 0:
             raise ValueError("seconds must be positive")
-        groups = [{**g, "lease": secs, "settling": settling} for g in _by_token(batch.claims)]
-
-        def run(conn: Conn) -> None:
-            with conn.transaction():
-                rows = [r for g in groups for r in conn.execute(self._queries["extend"], g)]
-                _check_all(batch.claims, rows, "extend")
-
-        self._retrying(run)
+        if settling:  # all or nothing in one statement: one round trip for one claim
+            self._settle(batch.claims, "extend_settling", {"lease": secs}, None)
+        else:
+            self._settle(batch.claims, "extend", {"lease": secs, "settling": False}, None)
 
     def complete(self, batch: Batch, *, conn: Conn | None = None) -> None:
         """Mark every row of *batch* done.
@@ -437,7 +386,19 @@ class Claimer:
         claims = (
             batch_or_claims.claims if isinstance(batch_or_claims, Batch) else tuple(batch_or_claims)
         )
-        self._settle(claims, "fail", {"error": error, "max_attempts": self.max_attempts}, conn)
+        self.fail_each([(c, error) for c in claims], conn=conn)
+
+    def fail_each(self, failures: Sequence[tuple[Claim, str]], *, conn: Conn | None = None) -> None:
+        """`fail()` with an error of its own for each row: one statement per claim
+        (a batch's failures in one, however many distinct errors they carry)."""
+        errors = {c.id: error for c, error in failures}
+        self._settle(
+            list({c.id: c for c, _ in failures}.values()),
+            "fail",
+            {"max_attempts": self.max_attempts},
+            conn,
+            per_row={"errors": errors},
+        )
 
     def release(
         self, batch_or_claims: Batch | Sequence[Claim], *, conn: Conn | None = None
@@ -460,41 +421,52 @@ class Claimer:
         operation: str,
         extra: dict[str, Any],
         conn: Conn | None,
+        *,
+        per_row: dict[str, dict[int, Any]] | None = None,
     ) -> None:
+        # per_row: parameters with a value for each row, by id, sent as arrays in the
+        # order of each statement's ids
         if not claims:
             return
         groups = [{**g, **extra} for g in _by_token(claims)]
+        for param, values in (per_row or {}).items():
+            for g in groups:
+                g[param] = [values[i] for i in g["ids"]]
         query = self._queries[operation]
 
+        name = "extend" if operation == "extend_settling" else operation  # for errors
         if conn is not None:
-            with self._savepoint(conn):
-                rows = [r for g in groups for r in conn.execute(query, g)]
-                _check_all(claims, rows, operation)
+            try:
+                with self._savepoint(conn):
+                    rows = [r for g in groups for r in conn.execute(query, g)]
+                    _check_all(claims, rows, name)
+            except psycopg.Error as e:
+                stale = stale_from(e, name)
+                if stale is None:
+                    raise
+                raise stale from None
             return
 
         def own(c: Conn) -> None:
-            if (
-                operation == "complete"
-                and len(groups) == 1
-                and c.info.transaction_status == pq.TransactionStatus.IDLE
-            ):  # one all-or-nothing statement, its own transaction, one round trip
-                try:
-                    cur = self._one_trip(
-                        c, lambda c: c.execute(self._queries["complete_own"], groups[0])
+            alone = _ALL_OR_NOTHING.get(operation)
+            try:
+                if alone is not None and len(groups) == 1:
+                    # one all-or-nothing statement, its own transaction, one round trip
+                    cur = one_trip(
+                        self._pool, c, lambda c: c.execute(self._queries[alone], groups[0])
                     )
-                    rows = cur.fetchall()
-                except psycopg.Error as e:
-                    stale = stale_from(e, "complete")
-                    if stale is None:
-                        raise
-                    raise stale from None
-                _check_all(claims, rows, operation)
-                return
-            with c.transaction():
-                if timeouts is not None:  # behind PgBouncer: the connection is bare
-                    c.execute(*timeouts)
-                rows = [r for g in groups for r in c.execute(query, g)]
-                _check_all(claims, rows, operation)
+                    _check_all(claims, cur.fetchall(), name)
+                    return
+                with c.transaction():
+                    if timeouts is not None:  # behind PgBouncer: the connection is bare
+                        c.execute(*timeouts)
+                    rows = [r for g in groups for r in c.execute(query, g)]
+                    _check_all(claims, rows, name)
+            except psycopg.Error as e:
+                stale = stale_from(e, name)
+                if stale is None:
+                    raise
+                raise stale from None
 
         timeouts = local_timeouts(self._pool)
         self._retrying(own, bare=True)
@@ -584,7 +556,16 @@ def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operati
         raise StaleClaimError(operation, stale)
 
 
-#: SQLSTATE of zen_complete_v1 / zen_extend_settling_v1: rows no longer held (DETAIL).
+#: The all-or-nothing form of a settle, for one claim in its own transaction: one
+#: statement that raises ZC002 (`STALE_SQLSTATE`) rather than apply part of it.
+_ALL_OR_NOTHING = {
+    "complete": "complete_own",
+    "fail": "fail",
+    "extend_settling": "extend_settling",
+}
+
+#: SQLSTATE of zen_complete_v1, zen_extend_settling_v1 and zen_fail_v1: rows no longer
+#: held (DETAIL).
 STALE_SQLSTATE = "ZC002"
 
 

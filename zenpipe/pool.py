@@ -81,6 +81,10 @@ __all__ = [
 
 logger = logging.getLogger("zenpipe.pool")
 
+#: The statement and parameters that set a pool's timeouts for one transaction
+#: (`local_timeouts`).
+Timeouts = tuple[sql.SQL, tuple[str, str, str]]
+
 _FLEET_KEY = 1
 #: Connections a server holds besides its pool: the control connection that registers
 #: and heartbeats (never taken from the pool, so a saturated pool cannot stop heartbeats).
@@ -772,7 +776,7 @@ class ZenPool(psycopg_pool.ConnectionPool[Conn]):
                 self.apply_timeouts(conn)
             yield conn
 
-    def local_timeouts(self) -> tuple[sql.SQL, tuple[str, str, str]] | None:
+    def local_timeouts(self) -> Timeouts | None:
         """The statement and parameters that set the configured timeouts for the current
         transaction, when connections need them per transaction (behind PgBouncer);
         None on a direct connection, which has them for the whole session."""
@@ -967,10 +971,44 @@ def bare_connection(
 
 def local_timeouts(
     pool: psycopg_pool.ConnectionPool[Any],
-) -> tuple[sql.SQL, tuple[str, str, str]] | None:
+) -> Timeouts | None:
     """`ZenPool.local_timeouts` for a `ZenPool`; None for another pool (its connections
     carry whatever their caller configured)."""
     return pool.local_timeouts() if isinstance(pool, ZenPool) else None
+
+
+def one_trip(
+    pool: psycopg_pool.ConnectionPool[Any],
+    conn: psycopg.Connection[Any],
+    send: Callable[[psycopg.Connection[Any]], psycopg.Cursor[Any]],
+) -> psycopg.Cursor[Any]:
+    """Run the statement *send* executes as its own transaction in one round trip.
+
+    *conn* is idle, from *pool* by `bare_connection`.  On a direct connection the
+    statement runs alone in autocommit; behind PgBouncer, BEGIN, the pool's timeouts
+    (`local_timeouts`), the statement and COMMIT go in one pipeline.  Returns *send*'s
+    cursor, its rows ready.  Raises the statement's error, rolled back; *conn* is left
+    out of autocommit once idle again (a lost connection is the pool's to discard).
+    """
+    q = load("pool")
+    conn.autocommit = True
+    try:
+        timeouts = local_timeouts(pool)
+        if timeouts is None:
+            return send(conn)
+        with conn.pipeline():
+            conn.execute(q["begin"])
+            conn.execute(*timeouts)
+            cur = send(conn)
+            conn.execute(q["commit"])
+        return cur
+    finally:
+        if not conn.closed:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with suppress(psycopg.Error):  # lost: the pool discards it
+                    conn.execute(q["rollback"])
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                conn.autocommit = False
 
 
 # -- fleet figures -------------------------------------------------------------------

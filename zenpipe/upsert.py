@@ -50,7 +50,7 @@ from . import queries
 from .claim import stale_from
 from .errors import EmptyBatchError, UpsertError, is_transient
 from .keys import route
-from .pool import bare_connection, guarded_pool, local_timeouts
+from .pool import Timeouts, bare_connection, guarded_pool, local_timeouts
 from .validate import (
     MAX_FUTURE_US,
     MAX_INDEXED_TEXT_BYTES,
@@ -679,7 +679,9 @@ class Upserter:
                         except psycopg.Error as e:
                             # In pipeline mode the settle functions' ZC002 may surface at
                             # any later statement of the pipeline, not only at its sync.
-                            op = "complete" if "(complete)" in str(e) else "extend"
+                            op = next(
+                                (o for o in ("complete", "fail") if f"({o})" in str(e)), "extend"
+                            )
                             stale = stale_from(e, op)
                             if stale is None:
                                 raise
@@ -978,7 +980,7 @@ class Upserter:
         batch: Batch | None,
         settling: bool,
         after: Callable[[psycopg.Connection[Any], int, int], None] | None,
-        timeouts: tuple[Any, Any] | None = None,
+        timeouts: Timeouts | None = None,
     ) -> _Written | None:
         """The whole write in two round trips on an idle connection, in psycopg's
         pipeline mode with the transactions spelled out: (1) the settling mark in its own
@@ -991,6 +993,7 @@ class Upserter:
         when the batch is no longer held.
         """
         q = self._queries
+        tx = queries.load("pool")  # BEGIN, COMMIT, ROLLBACK
         statements = 0
         conn.autocommit = True
         try:
@@ -1000,21 +1003,21 @@ class Upserter:
                 pipe = stack.enter_context(conn.pipeline())
                 held: list[tuple[psycopg.Cursor[Any], None]] = []
                 if settling and claimer is not None and batch is not None:
-                    cur.execute(q["begin"])
+                    cur.execute(tx["begin"])
                     if timeouts is not None:
                         cur.execute(*timeouts)
                     for query, params in claimer.statements("extend_settling", batch.claims):
                         held.append((conn.cursor(), None))
                         held[-1][0].execute(query, params)
-                    cur.execute(q["commit"])
+                    cur.execute(tx["commit"])
                     statements += len(held)
-                cur.execute(q["begin"])
+                cur.execute(tx["begin"])
                 if timeouts is not None:
                     cur.execute(*timeouts)
                 if key is not None:
                     statements += 1
                     if not self._take_key(cur, key):
-                        cur.execute(q["rollback"])
+                        cur.execute(tx["rollback"])
                         return _Written(0, statements, [], already_committed=True)
                 # COPY path: the clock rides along in this round trip
                 clock_cur: psycopg.Cursor[Any] | None = None
@@ -1102,13 +1105,13 @@ class Upserter:
                     statements += 2
                 if after is not None:
                     after(conn, written, len(known) + len(db_rejects))
-                cur.execute(q["commit"])
+                cur.execute(tx["commit"])
             return _Written(written, statements, db_rejects)
         finally:
             if not conn.closed:
                 if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                     with contextlib.suppress(psycopg.Error):  # lost: the pool discards it
-                        conn.execute(q["rollback"])
+                        conn.execute(tx["rollback"])
                 if conn.info.transaction_status == pq.TransactionStatus.IDLE:
                     conn.autocommit = False
 

@@ -28,7 +28,7 @@ from .claim import Batch, Claim, Claimer
 from .errors import StaleClaimError, is_transient
 from .events import BatchEvent, Outcome
 from .governor import Governor
-from .pool import ZenPool, guarded_pool
+from .pool import ZenPool, bare_connection, guarded_pool, one_trip
 from .queries import load
 from .upsert import Upserter
 from .wakeup import Waker
@@ -89,7 +89,7 @@ class _Flight:
     claim_seconds: float = 0.0
     enrich_seconds: float = 0.0
     done: list[tuple[Claim, Mapping[str, Any] | None]] = field(default_factory=list)
-    failures: dict[str, list[Claim]] = field(default_factory=dict)
+    failures: list[tuple[Claim, str]] = field(default_factory=list)
     unstarted: list[Claim] = field(default_factory=list)
 
 
@@ -314,7 +314,7 @@ class Worker:
                 if outcome is _UNSTARTED:
                     flight.unstarted.append(claim)
                 elif isinstance(outcome, _Failed):
-                    flight.failures.setdefault(outcome.error, []).append(claim)
+                    flight.failures.append((claim, outcome.error))
                 else:
                     flight.done.append((claim, outcome))  # type: ignore[arg-type]
         except BaseException:
@@ -506,7 +506,7 @@ class Worker:
         self,
         batch: Batch,
         done: list[tuple[Claim, Mapping[str, Any] | None]],
-        failures: dict[str, list[Claim]],
+        failures: list[tuple[Claim, str]],
         *,
         book: _Bookkeeping | None = None,
     ) -> tuple[int, int, int, int]:
@@ -525,12 +525,12 @@ class Worker:
         `Claimer.fail` is idempotent under the claim, so a retried fail() whose first
         commit landed does not abandon the rest of the batch.
         """
-        failed = sum(len(claims) for claims in failures.values())
+        failed = len(failures)
         failures_recorded = False
 
         def record_failures(conn: psycopg.Connection[Any] | None = None) -> None:
-            for error, claims in failures.items():
-                self.claimer.fail(claims, error, conn=conn)
+            if failures:  # one statement, whatever the errors
+                self.claimer.fail_each(failures, conn=conn)
 
         if book is None or not done:
             record_failures()
@@ -666,9 +666,12 @@ class Worker:
 
     def _record(self, **figures: Any) -> None:
         # Bookkeeping only: a failure here must not undo the batch, which has committed.
+        # One round trip (`one_trip`): the pool's connection check aside, BEGIN, the
+        # statement and COMMIT were three.
+        q = self._queries["record_batch"]
         try:
-            with self._pool.connection() as conn:
-                conn.execute(self._queries["record_batch"], figures)
+            with bare_connection(self._pool) as conn:
+                one_trip(self._pool, conn, lambda c: c.execute(q, figures))
         except psycopg.Error as e:
             logger.warning("could not record batch statistics: %s", e)
 

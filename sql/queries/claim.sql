@@ -241,31 +241,20 @@ RETURNING r.id, r.lease_until;
 SELECT unnest(zen_extend_settling_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s));
 
 -- name: fail
--- Record a failure on the rows of one claim in one statement (by primary key): to retry
--- after a backoff (zen_retry_delay_v1: exponential, capped, jittered, from zen_settings)
--- while attempts (claims so far) is below max_attempts (the caller's, else the fleet's
+-- Record the failures of the rows of one claim in one statement (by primary key), each
+-- row with its own error (%(errors)s, in the order of %(ids)s): to retry after a backoff
+-- (zen_retry_delay_v1: exponential, capped, jittered, from zen_settings) while attempts
+-- (claims so far) is below max_attempts (the caller's, else the fleet's
 -- zen_settings.max_attempts), else parked as failed, which no claim index holds, so only
--- requeue() brings it back.
+-- requeue() brings it back. All or nothing: zen_fail_v1 (migration 0021) raises ZC002,
+-- naming the rows no longer held, and applies nothing; so in its own transaction it is
+-- one round trip (autocommit, as complete_own).
 -- Idempotent under the claim: a row already released by this very claim (retry or
 -- failed, still carrying our token and claim_id: a retry after a lost COMMIT
 -- acknowledgement) is matched again and left as it is, so the retry succeeds instead
 -- of abandoning the batch. A new claim of the row replaces the claim_id: fenced.
-UPDATE results AS r
-SET status = CASE WHEN r.status <> 'claimed' THEN r.status
-                  WHEN r.attempts >= coalesce(%(max_attempts)s::integer, zen_max_attempts_v1()) THEN 'failed'
-                  ELSE 'retry' END,
-    not_before = CASE WHEN r.status <> 'claimed' THEN r.not_before
-                      ELSE statement_timestamp()
-                           + make_interval(secs => zen_retry_delay_v1(r.attempts)) END,
-    last_error = CASE WHEN r.status = 'claimed' THEN %(error)s ELSE r.last_error END,
-    lease_until = NULL,
-    settling = false,
-    claim_owner = NULL
-WHERE r.id = ANY (%(ids)s::bigint[])
-  AND r.claim_token = %(token)s
-  AND r.claim_id = %(claim_id)s
-  AND r.status IN ('claimed', 'pending', 'failed', 'retry')
-RETURNING r.id, r.status;
+SELECT unnest(zen_fail_v1(%(ids)s::bigint[], %(errors)s::text[], %(token)s, %(claim_id)s,
+                          %(max_attempts)s::integer));
 
 -- name: release_rows
 -- Give the rows of one claim back without spending an attempt (graceful shutdown: the
@@ -326,14 +315,3 @@ RELEASE SAVEPOINT zen_claim;
 
 -- name: rollback_to
 ROLLBACK TO SAVEPOINT zen_claim;
-
--- name: begin
--- A claim behind PgBouncer spells its transaction out (autocommit connection in
--- pipeline mode), so that the timeouts, the claim and its commit share one round trip.
-BEGIN;
-
--- name: commit
-COMMIT;
-
--- name: rollback
-ROLLBACK;

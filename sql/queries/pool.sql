@@ -126,3 +126,15 @@ SELECT * FROM zen_v_dashboard;
 SELECT set_config('statement_timeout', %s, true),
        set_config('lock_timeout', %s, true),
        set_config('idle_in_transaction_session_timeout', %s, true);
+
+-- name: begin
+-- Transactions spelled out on an autocommit connection in pipeline mode (`one_trip`,
+-- the Upserter's fast write), so that BEGIN, the timeouts above, the work and COMMIT
+-- share one round trip.
+BEGIN;
+
+-- name: commit
+COMMIT;
+
+-- name: rollback
+ROLLBACK;

@@ -342,17 +342,6 @@ FROM unnest(%(row_index)b::integer[], %(source_link)b::text[], %(field)b::text[]
             %(payload)b::jsonb[], %(payload_is_repr)b::boolean[])
      AS u (row_index, source_link, field, reason, detail, problems, payload, payload_is_repr);
 
--- name: begin
--- The fast write's transactions are spelled out (autocommit connection in pipeline
--- mode), so that the settling mark and the write share one round trip.
-BEGIN;
-
--- name: commit
-COMMIT;
-
--- name: rollback
-ROLLBACK;
-
 -- name: savepoint
 -- Around each merge of the careful path (a caller's transaction, a retry, a batch with a
 -- row PostgreSQL refuses): rolling back to it undoes one merge, and the bisection goes on.
