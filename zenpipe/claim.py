@@ -436,20 +436,14 @@ class Claimer:
 
         name = "extend" if operation == "extend_settling" else operation  # for errors
         if conn is not None:
-            try:
-                with self._savepoint(conn):
-                    rows = [r for g in groups for r in conn.execute(query, g)]
-                    _check_all(claims, rows, name)
-            except psycopg.Error as e:
-                stale = stale_from(e, name)
-                if stale is None:
-                    raise
-                raise stale from None
+            with _stale_as(name), self._savepoint(conn):
+                rows = [r for g in groups for r in conn.execute(query, g)]
+                _check_all(claims, rows, name)
             return
 
         def own(c: Conn) -> None:
             alone = _ALL_OR_NOTHING.get(operation)
-            try:
+            with _stale_as(name):
                 if alone is not None and len(groups) == 1:
                     # one all-or-nothing statement, its own transaction, one round trip
                     cur = one_trip(
@@ -462,11 +456,6 @@ class Claimer:
                         c.execute(*timeouts)
                     rows = [r for g in groups for r in c.execute(query, g)]
                     _check_all(claims, rows, name)
-            except psycopg.Error as e:
-                stale = stale_from(e, name)
-                if stale is None:
-                    raise
-                raise stale from None
 
         timeouts = local_timeouts(self._pool)
         self._retrying(own, bare=True)
@@ -576,6 +565,18 @@ def stale_from(error: psycopg.Error, operation: str) -> StaleClaimError | None:
         return None
     detail = error.diag.message_detail or ""
     return StaleClaimError(operation, [int(x) for x in detail.split(",") if x])
+
+
+@contextmanager
+def _stale_as(operation: str) -> Iterator[None]:
+    """Raise a settle function's ZC002 as the `StaleClaimError` it names."""
+    try:
+        yield
+    except psycopg.Error as e:
+        stale = stale_from(e, operation)
+        if stale is None:
+            raise
+        raise stale from None
 
 
 def _check_open(conn: Conn) -> None:
