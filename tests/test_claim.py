@@ -544,16 +544,17 @@ def test_stale_token_is_refused_and_nothing_is_applied(dsn: str) -> None:
         # still slow's token.
         taken = fast.claim()
         assert taken.ids == ids[:2]
-        for op in (
-            slow.complete,
-            slow.extend,
-            lambda b: slow.extend(b, settling=True),
-            lambda b: slow.fail(b, "boom"),
-            lambda b: slow.fail_each([(c, f"boom {c.id}") for c in b.claims]),
+        for name, op in (
+            ("complete", slow.complete),
+            ("extend", slow.extend),
+            ("extend", lambda b: slow.extend(b, settling=True)),
+            ("fail", lambda b: slow.fail(b, "boom")),
+            ("fail", lambda b: slow.fail_each([(c, f"boom {c.id}") for c in b.claims])),
         ):
             with pytest.raises(StaleClaimError) as info:
                 op(stale)
             assert info.value.ids == ids[:2]
+            assert info.value.operation == name
         # Nothing of slow's calls applied, even on the rows its token still matches.
         for rid in ids[2:]:
             r = row(dsn, rid)

@@ -18,6 +18,7 @@ The protocol and its proofs are in ``docs/claiming.md``.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -558,13 +559,21 @@ _ALL_OR_NOTHING = {
 STALE_SQLSTATE = "ZC002"
 
 
-def stale_from(error: psycopg.Error, operation: str) -> StaleClaimError | None:
-    """The `StaleClaimError` a settle function raised in SQL (SQLSTATE ZC002, the ids
-    no longer held in its DETAIL), or None for any other error."""
+#: How a settle function names its operation in the ZC002 message.
+_STALE_MESSAGE = re.compile(r"stale claim \((\w+)\)")
+
+
+def stale_from(error: psycopg.Error, operation: str = "settle") -> StaleClaimError | None:
+    """The `StaleClaimError` a settle function raised in SQL (SQLSTATE ZC002, the
+    operation named in its message, else *operation*, and the ids no longer held in its
+    DETAIL), or None for any other error."""
     if error.sqlstate != STALE_SQLSTATE:
         return None
+    named = _STALE_MESSAGE.search(error.diag.message_primary or "")
     detail = error.diag.message_detail or ""
-    return StaleClaimError(operation, [int(x) for x in detail.split(",") if x])
+    return StaleClaimError(
+        named.group(1) if named else operation, [int(x) for x in detail.split(",") if x]
+    )
 
 
 @contextmanager

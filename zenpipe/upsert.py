@@ -678,11 +678,9 @@ class Upserter:
                             )  # fmt: skip
                         except psycopg.Error as e:
                             # In pipeline mode the settle functions' ZC002 may surface at
-                            # any later statement of the pipeline, not only at its sync.
-                            op = next(
-                                (o for o in ("complete", "fail") if f"({o})" in str(e)), "extend"
-                            )
-                            stale = stale_from(e, op)
+                            # any later statement of the pipeline, not only at its sync;
+                            # its message names the operation.
+                            stale = stale_from(e)
                             if stale is None:
                                 raise
                             raise stale from None
