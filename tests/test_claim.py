@@ -532,6 +532,27 @@ def test_complete_retried_after_success_is_idempotent(dsn: str, claimer: Claimer
 # -- fencing ------------------------------------------------------------------------------
 
 
+def test_the_previous_releases_settling_mark_still_fences(dsn: str, claimer: Claimer) -> None:
+    """zen_extend_settling_v1 (migration 0016), which clients of the previous release
+    call, is a call of zen_extend_v1 since migration 0022: the whole batch marked, or
+    ZC002 naming the rows not held and nothing marked."""
+    fill(dsn, 3)
+    batch = claimer.claim()
+    c = batch.claims[0]
+    call = "SELECT zen_extend_settling_v1(%s, %s, %s, 600)"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        missing = max(batch.ids) + 1000
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(call, ([*batch.ids, missing], c.token, c.claim_id))
+        assert info.value.sqlstate == "ZC002"
+        assert info.value.diag.message_detail == str(missing)
+        assert not any(row(dsn, rid)["settling"] for rid in batch.ids)
+        got = conn.execute(call, (batch.ids, c.token, c.claim_id)).fetchone()
+        assert got is not None and sorted(got[0]) == batch.ids
+        assert all(row(dsn, rid)["settling"] for rid in batch.ids)
+    claimer.complete(batch)
+
+
 def test_stale_token_is_refused_and_nothing_is_applied(dsn: str) -> None:
     ids = fill(dsn, 4)
     with (

@@ -351,7 +351,8 @@ class Claimer:
         secs = self.lease_seconds if seconds is None else float(seconds)
         if secs <= 0:
             raise ValueError("seconds must be positive")
-        if settling:  # all or nothing in one statement: one round trip for one claim
+        # all or nothing in one statement: one round trip for one claim
+        if settling:
             self._settle(batch.claims, "extend_settling", {"lease": secs}, None)
         else:
             self._settle(batch.claims, "extend", {"lease": secs, "settling": False}, None)
@@ -551,11 +552,12 @@ def _check_all(claims: Sequence[Claim], rows: Sequence[tuple[Any, ...]], operati
 _ALL_OR_NOTHING = {
     "complete": "complete_own",
     "fail": "fail",
+    "extend": "extend",
     "extend_settling": "extend_settling",
 }
 
-#: SQLSTATE of zen_complete_v1, zen_extend_settling_v1 and zen_fail_v1: rows no longer
-#: held (DETAIL).
+#: SQLSTATE of the settle functions (zen_complete_v1, zen_extend_v1, zen_fail_v1; raised by
+#: zen_stale_v1 from migration 0022 on): rows no longer held (DETAIL).
 STALE_SQLSTATE = "ZC002"
 
 

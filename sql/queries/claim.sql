@@ -218,27 +218,23 @@ SELECT unnest(zen_complete_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s));
 
 -- name: extend
 -- Heartbeat: push the lease of every row of a batch in one statement (by primary key),
--- only where our claim still holds the row. The new deadline is computed by the server
--- clock at the statement, like the claim's, so servers with skewed clocks agree on
--- expiry. %(settling)s marks the batch as being written (never unmarks it): a lease
--- that runs out from then on is a slow write, not a crash.
-UPDATE results AS r
-SET lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
-    settling = r.settling OR %(settling)s
-WHERE r.id = ANY (%(ids)s::bigint[])
-  AND r.claim_token = %(token)s
-  AND r.claim_id = %(claim_id)s
-  AND r.status = 'claimed'
-RETURNING r.id, r.lease_until;
+-- all or nothing: zen_extend_v1 (migration 0022) raises ZC002, naming the rows our
+-- claim no longer holds, and extends none; so in its own transaction it is one round
+-- trip (autocommit, as complete_own). The new deadline is computed by the server clock
+-- at the statement, like the claim's, so servers with skewed clocks agree on expiry.
+-- %(settling)s marks the batch as being written (never unmarks it): a lease that runs
+-- out from then on is a slow write, not a crash.
+SELECT unnest(zen_extend_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s,
+                            %(settling)s));
 
 -- name: extend_settling
 -- The worker's "now writing" mark, sent in the same round trip as the write (its own
 -- short transaction, committed first, so a lease that runs out during the write is a
 -- slow write, not a crash): push the lease and set settling on every row of the batch,
--- all or nothing (zen_extend_settling_v1 raises ZC002 naming the rows no longer held),
--- so a pipelined caller that cannot look before it goes on never marks part of a batch,
--- and the write pipelined behind it is skipped.
-SELECT unnest(zen_extend_settling_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s));
+-- all or nothing (zen_extend_v1 raises ZC002 naming the rows no longer held), so a
+-- pipelined caller that cannot look before it goes on never marks part of a batch, and
+-- the write pipelined behind it is skipped.
+SELECT unnest(zen_extend_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s, true));
 
 -- name: fail
 -- Record the failures of the rows of one claim in one statement (by primary key), each
