@@ -96,34 +96,40 @@ def _traced_worker(dsn: str, folder: Path) -> Iterator[tuple[Worker, TracedPool]
 
 def test_a_100_row_batch_takes_at_most_six_round_trips(dsn: str) -> None:
     """Claim (one call of zen_claim_v4) and the write (the settling mark, merge,
-    completion and bookkeeping in one pipeline + COMMIT): 3 on a direct connection, plus
-    the claimer's periodic park_exhausted.  The pool's check of an idle connection sends
-    nothing (zenpipe.pool.check_connection; it was a round trip per checkout, 5.2 per
-    batch).  Counted over 5 batches after a warm-up batch (whose connections are first
-    traced at their checkout)."""
-    batches = 5
-    _fill(dsn, 100 * (batches + 1))
+    completion and bookkeeping in one pipeline + COMMIT): 3 on a direct connection.  The
+    pool's check of an idle connection sends nothing (zenpipe.pool.check_connection; it
+    was a round trip per checkout, 5.2 per batch).  Counted over 5 batches after 6
+    warm-up batches: the first opens and traces the connections, and psycopg prepares
+    each statement at its sixth execution (``prepare_threshold`` 5), which outside a
+    pipeline is a round trip of its own, once per connection: the claim's made the 3.2
+    per batch this test counted over batches 2 to 6 until session 12 (the docs had
+    blamed the claimer's periodic park_exhausted, which the count now leaves out)."""
+    batches, warm_up = 5, 6
+    total = 100 * (batches + warm_up)
+    _fill(dsn, total)
     with tempfile.TemporaryDirectory() as tmp:
         gen = _traced_worker(dsn, Path(tmp))
         worker, traced = next(gen)
-        assert worker.run_once() == 100  # warm-up: opens and traces the connections
+        worker.claimer._next_park = float("inf")  # no periodic park in the count
+        for _ in range(warm_up):
+            assert worker.run_once() == 100
         before = traced.round_trips()
         for _ in range(batches):
             assert worker.run_once() == 100
         per_batch = (traced.round_trips() - before) / batches
         gen.close()
     assert per_batch <= MAX_ROUND_TRIPS, per_batch
-    assert per_batch <= 3.4, per_batch  # 3 + park_exhausted on one batch of 5
+    assert per_batch == 3, per_batch
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE status = 'done'), count(*) FROM results"
         ).fetchone()
         jobs = conn.execute("SELECT count(*), sum(rows_written) FROM zen_jobs").fetchone()
         contacts = conn.execute("SELECT count(*) FROM zen_contacts").fetchone()
-    assert row == (600, 600)
+    assert row == (total, total)
     # the bookkeeping folded into the write transaction still lands, once per batch
-    assert jobs == (batches + 1, 600)
-    assert contacts == (600,)
+    assert jobs == (batches + warm_up, total)
+    assert contacts == (total,)
     assert_no_leaks(dsn)
 
 
@@ -168,12 +174,13 @@ def test_behind_pgbouncer_a_batch_takes_the_fast_write(pgbouncer_dsn: str, dsn: 
         worker, traced = next(gen)
         assert traced.pool.pgbouncer is True
         assert worker.run_once() == 100
+        worker.claimer._next_park = float("inf")  # no periodic park in the count
         before = traced.round_trips()
         for _ in range(batches):
             assert worker.run_once() == 100
         per_batch = (traced.round_trips() - before) / batches
         gen.close()
-    assert per_batch <= 3.4, per_batch
+    assert per_batch == 3, per_batch  # no prepared statements behind PgBouncer
     with psycopg.connect(dsn) as conn:
         jobs = conn.execute("SELECT count(*), sum(rows_written) FROM zen_jobs").fetchone()
         done = conn.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone()
@@ -268,6 +275,52 @@ def test_a_heartbeat_takes_one_round_trip(
 
 def _fail(claim: Claim) -> dict[str, Any]:
     raise ValueError(f"no contact for {claim.id}")
+
+
+def _fail_odd(claim: Claim) -> dict[str, Any]:
+    if claim.id % 2:
+        raise ValueError(f"no contact for {claim.id}")
+    return _noop(claim)
+
+
+def test_a_mixed_batch_takes_three_round_trips(dsn: str) -> None:
+    """A batch of which half wrote contacts and half failed, each failure with an error
+    of its own, takes no more round trips than one that only writes: the claim and the
+    write's two pipelines.  The failures (one statement, `Claimer.fail_each` in the
+    write's transaction) sync the write's first pipeline, which the completion's rows
+    sync anyway, and the bookkeeping and the COMMIT follow in the second."""
+    batches = 3
+    _fill(dsn, 100 * (batches + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = guarded_pool(dsn, name="rtm", min_size=1, max_size=3)
+        traced = TracedPool(pool, Path(tmp))
+        try:
+            with Worker(pool, _fail_odd, server_id="rtm", batch_size=100, pipeline=False) as w:
+                assert w.run_once() == 100  # warm-up: opens and traces the connections
+                w.claimer._next_park = float("inf")  # no periodic park in the count
+                before = traced.round_trips()
+                for _ in range(batches):
+                    assert w.run_once() == 100
+                per_batch = (traced.round_trips() - before) / batches
+        finally:
+            traced.close()
+            pool.close()
+    n = 100 * (batches + 1)
+    with psycopg.connect(dsn) as conn:
+        jobs = conn.execute(
+            "SELECT count(*), sum(rows_claimed), sum(rows_written), sum(rows_failed) FROM zen_jobs"
+        ).fetchone()
+        errors = conn.execute(
+            "SELECT count(*) FROM results WHERE status = 'retry'"
+            " AND last_error = 'ValueError: no contact for ' || id AND id % 2 = 1"
+        ).fetchone()
+        done = conn.execute(
+            "SELECT count(*) FROM results WHERE status = 'done' AND id % 2 = 0"
+        ).fetchone()
+        contacts = conn.execute("SELECT count(*) FROM zen_contacts").fetchone()
+    assert jobs == (batches + 1, n, n // 2, n // 2)
+    assert (errors, done, contacts) == ((n // 2,), (n // 2,), (n // 2,))
+    assert per_batch == 3, per_batch
 
 
 def test_a_batch_of_failures_books_in_one_round_trip(dsn: str) -> None:
