@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -277,6 +277,28 @@ def _fail(claim: Claim) -> dict[str, Any]:
     raise ValueError(f"no contact for {claim.id}")
 
 
+def _round_trips_per_batch(
+    dsn: str, enrich: Callable[[Claim], dict[str, Any]], batches: int
+) -> float:
+    """Round trips per 100-row `Worker` batch with *enrich*, over *batches* batches
+    after a warm-up batch (which opens and traces the connections), the periodic park
+    left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = guarded_pool(dsn, name="rtw", min_size=1, max_size=3)
+        traced = TracedPool(pool, Path(tmp))
+        try:
+            with Worker(pool, enrich, server_id="rtw", batch_size=100, pipeline=False) as w:
+                assert w.run_once() == 100
+                w.claimer._next_park = float("inf")
+                before = traced.round_trips()
+                for _ in range(batches):
+                    assert w.run_once() == 100
+                return (traced.round_trips() - before) / batches
+        finally:
+            traced.close()
+            pool.close()
+
+
 def _fail_odd(claim: Claim) -> dict[str, Any]:
     if claim.id % 2:
         raise ValueError(f"no contact for {claim.id}")
@@ -291,20 +313,7 @@ def test_a_mixed_batch_takes_three_round_trips(dsn: str) -> None:
     sync anyway, and the bookkeeping and the COMMIT follow in the second."""
     batches = 3
     _fill(dsn, 100 * (batches + 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        pool = guarded_pool(dsn, name="rtm", min_size=1, max_size=3)
-        traced = TracedPool(pool, Path(tmp))
-        try:
-            with Worker(pool, _fail_odd, server_id="rtm", batch_size=100, pipeline=False) as w:
-                assert w.run_once() == 100  # warm-up: opens and traces the connections
-                w.claimer._next_park = float("inf")  # no periodic park in the count
-                before = traced.round_trips()
-                for _ in range(batches):
-                    assert w.run_once() == 100
-                per_batch = (traced.round_trips() - before) / batches
-        finally:
-            traced.close()
-            pool.close()
+    per_batch = _round_trips_per_batch(dsn, _fail_odd, batches)
     n = 100 * (batches + 1)
     with psycopg.connect(dsn) as conn:
         jobs = conn.execute(
@@ -331,20 +340,7 @@ def test_a_batch_of_failures_books_in_one_round_trip(dsn: str) -> None:
     the bookkeeping."""
     batches = 3
     _fill(dsn, 100 * (batches + 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        pool = guarded_pool(dsn, name="rtf", min_size=1, max_size=3)
-        traced = TracedPool(pool, Path(tmp))
-        try:
-            with Worker(pool, _fail, server_id="rtf", batch_size=100, pipeline=False) as w:
-                assert w.run_once() == 100  # warm-up: opens and traces the connections
-                w.claimer._next_park = float("inf")  # no periodic park in the count
-                before = traced.round_trips()
-                for _ in range(batches):
-                    assert w.run_once() == 100
-                per_batch = (traced.round_trips() - before) / batches
-        finally:
-            traced.close()
-            pool.close()
+    per_batch = _round_trips_per_batch(dsn, _fail, batches)
     with psycopg.connect(dsn) as conn:
         jobs = conn.execute(
             "SELECT count(*), sum(rows_claimed), sum(rows_written), sum(rows_failed) FROM zen_jobs"
