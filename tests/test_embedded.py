@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,12 +22,21 @@ from zenpipe.errors import ServerStartError
 pytestmark = pytest.mark.pg18
 
 CHILD = """
-import sys, time
+import faulthandler, signal, sys, time
 from zenpipe.embedded import ThrowawayPostgres
+faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback when we hang
 with ThrowawayPostgres() as pg:
     print(pg.datadir, pg._proc.pid, pg.port, flush=True)
-    time.sleep(120)
+    # Short sleeps, not one long one: CPython runs a Python signal handler between
+    # bytecodes, so a signal landing after the last check and before the sleep's syscall
+    # would wait for the whole sleep (stop 22: SIGINT unanswered for 60 s).
+    for _ in range(2400):
+        time.sleep(0.05)
 """
+
+# The child's stop may take its whole budget on a stalled disk: the watchdog's 30 s and
+# the postmaster's 30 s of fast shutdown, then SIGKILL.
+_STOP_BUDGET = 120.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,18 +87,30 @@ def test_restart_keeps_data() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_clean_up(sig: signal.Signals) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _sigint_child() if sig == signal.SIGINT else _sigterm_child()],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def test_ctrl_c_and_sigterm_clean_up(sig: signal.Signals, tmp_path: Path) -> None:
+    stderr_path = tmp_path / "child.stderr"
+    with open(stderr_path, "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _sigint_child() if sig == signal.SIGINT else _sigterm_child()],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     assert child.stdout is not None
     try:
         datadir, pid, _port = child.stdout.readline().split()
         assert Path(datadir).exists()
         child.send_signal(sig)
-        child.wait(timeout=60)
+        try:
+            child.wait(timeout=_STOP_BUDGET)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGUSR1)  # faulthandler: where is it stuck?
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+            pytest.fail(
+                f"the child did not stop within {_STOP_BUDGET:g} s of {sig.name}:\n"
+                + stderr_path.read_text()[-4000:]
+            )
     finally:
         if child.poll() is None:  # do not leak it into the next tests
             child.kill()
