@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TypeVar
 
 import psycopg
@@ -30,3 +31,17 @@ def wait_for(cond: Callable[[], T], timeout: float = 60.0) -> T:
             return got
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def wait_past(dsn: str, moment: datetime | None, timeout: float = 60.0) -> None:
+    """Wait until the server's clock is past *moment*: a lease has run out where it is
+    judged, whatever the client's clock says (None: return at once)."""
+    if moment is None:
+        return
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        wait_for(
+            lambda: bool(
+                conn.execute("SELECT clock_timestamp() > %s", (moment,)).fetchone() == (True,)
+            ),
+            timeout,
+        )

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import assert_no_leaks
+from helpers import assert_no_leaks, wait_past
 from psycopg.types.json import Jsonb
 
 from zenpipe import cli
@@ -500,7 +500,7 @@ def test_expired_lease_is_claimable_again_with_a_new_token(dsn: str) -> None:
     ):
         first = dead.claim()
         assert alive.claim().claims == ()  # leased
-        time.sleep(0.5)
+        wait_past(dsn, first.lease_until)
         second = alive.claim()
         assert second.ids == ids
         assert all(c.attempt == 2 for c in second.claims)
@@ -560,7 +560,7 @@ def test_stale_token_is_refused_and_nothing_is_applied(dsn: str) -> None:
         Claimer(dsn, owner="fast", batch_size=4) as fast,
     ):
         stale = slow.claim()
-        time.sleep(0.5)
+        wait_past(dsn, stale.lease_until)
         # Expired rows come back in half batches: takes ids[0:2] over; ids[2:4] are
         # still slow's token.
         taken = fast.claim()
@@ -595,7 +595,7 @@ def test_stale_complete_inside_caller_transaction_keeps_it_usable(dsn: str) -> N
         Claimer(dsn, owner="fast") as fast,
     ):
         stale = slow.claim()
-        time.sleep(0.4)
+        wait_past(dsn, stale.lease_until)
         fast.claim(limit=1)
         with psycopg.connect(dsn) as conn:
             conn.execute("CREATE TEMP TABLE marks (id bigint) ON COMMIT DROP")
@@ -639,7 +639,7 @@ def test_rolled_back_completion_leaves_rows_claimable(dsn: str) -> None:
                 raise RuntimeError("upsert failed after the complete")
             assert conn.execute("SELECT count(*) FROM effects").fetchone() == (0,)
         assert statuses(dsn) == {"claimed": 5}
-        time.sleep(0.5)
+        wait_past(dsn, batch.lease_until)
         again = w.claim()
         assert again.ids == ids
         w.complete(again)
@@ -692,7 +692,7 @@ def test_row_whose_workers_keep_dying_is_parked(dsn: str) -> None:
         with Claimer(dsn, owner=f"doomed{attempt}", lease_seconds=0.2, max_attempts=2) as w:
             batch = w.claim(limit=1)
             assert batch.ids == [poison] and batch.claims[0].attempt == attempt
-        time.sleep(0.3)  # the worker "died" holding the row: its lease runs out
+        wait_past(dsn, batch.lease_until)  # the worker "died" holding the row
     with Claimer(dsn, owner="survivor", lease_seconds=60, max_attempts=2) as w:
         batch = w.claim()
         assert batch.ids == [healthy]  # the exhausted row is not handed out again

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import wait_for
 from psycopg import errors as pgerr
 from psycopg.types.json import Jsonb
 
@@ -425,7 +426,7 @@ def test_concurrent_index_migration_does_not_block_writers(empty_dsn: str, tmp_p
     writer = threading.Thread(target=_writer, args=(empty_dsn, stop, stats))
     writer.start()
     try:
-        time.sleep(0.3)
+        wait_for(lambda: stats["writes"] or stats["errors"])  # the writer is going
         began = time.monotonic()
         applied = schema.apply(empty_dsn, directory=copy_migrations(tmp_path / "after"))
         ended = time.monotonic()

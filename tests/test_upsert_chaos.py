@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import psycopg
 import pytest
-from helpers import wait_for
+from helpers import wait_for, wait_past
 
 # A worker: claim every pending row, merge the contacts and mark the rows done in one
 # transaction (Upserter.upsert_and_complete), then exit 0.
@@ -111,7 +110,7 @@ def test_sigkill_mid_transaction_leaves_nothing_and_rows_are_written_once(
     ) == (0, N)
 
     # After the lease runs out another worker claims the same rows and writes them once.
-    time.sleep(2.2)
+    wait_past(dsn, _scalar(db, "SELECT max(lease_until) FROM results"))
     second = _worker(dsn, "w-second")
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
