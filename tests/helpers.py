@@ -33,15 +33,11 @@ def wait_for(cond: Callable[[], T], timeout: float = 60.0) -> T:
     raise AssertionError("condition not met in time")
 
 
-def wait_past(dsn: str, moment: datetime | None, timeout: float = 60.0) -> None:
+def wait_past(dsn: str, moment: datetime, timeout: float = 60.0) -> None:
     """Wait until the server's clock is past *moment*: a lease has run out where it is
-    judged, whatever the client's clock says (None: return at once)."""
-    if moment is None:
-        return
+    judged, whatever the client's clock says."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         wait_for(
-            lambda: bool(
-                conn.execute("SELECT clock_timestamp() > %s", (moment,)).fetchone() == (True,)
-            ),
+            lambda: conn.execute("SELECT clock_timestamp() > %s", (moment,)).fetchone() == (True,),
             timeout,
         )

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import assert_no_leaks, wait_for
+from helpers import assert_no_leaks, wait_for, wait_past
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -518,7 +518,7 @@ def test_sigkill_mid_write_loses_nothing_and_writes_once(
         assert one(worker_dsn, "SELECT count(*) FROM pg_prepared_xacts") == 0
 
     lease = one(citus_dsn, "SELECT max(lease_until) FROM results")
-    wait_for(lambda: one(citus_dsn, "SELECT clock_timestamp() > %s", (lease,)))
+    wait_past(citus_dsn, lease)
     second = subprocess.run(
         [sys.executable, "-c", KILLED_WORKER, citus_dsn, "w-second"],
         check=False,

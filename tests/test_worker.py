@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import assert_no_leaks, wait_for
+from helpers import assert_no_leaks, wait_for, wait_past
 
 from zenpipe import demo
 from zenpipe.claim import Claim, Claimer
@@ -57,10 +57,6 @@ def test_worker_writes_contacts_and_settles_every_row(dsn: str) -> None:
     assert_no_leaks(dsn)
 
 
-def _lease_passed(dsn: str, when: Any) -> bool:
-    return bool(one(dsn, "SELECT clock_timestamp() > %s", (when,)))
-
-
 def test_lease_is_extended_while_enrichment_runs(dsn: str) -> None:
     """Enrichment slower than the lease: the background extension keeps the rows, so a
     second claimer gets nothing and the batch is written once, not stale.
@@ -82,7 +78,7 @@ def test_lease_is_extended_while_enrichment_runs(dsn: str) -> None:
         first = wait_for(
             lambda: one(dsn, "SELECT min(lease_until) FROM results WHERE status = 'claimed'")
         )
-        wait_for(lambda: _lease_passed(dsn, first), timeout=120)
+        wait_past(dsn, first, timeout=120)
         with Claimer(dsn, owner="thief") as c:
             stolen.extend(c.claim().ids)
         thief_tried.set()
@@ -119,7 +115,7 @@ def test_lease_is_kept_while_the_batch_is_written(dsn: str) -> None:
                 timeout=120,
             )
             lease = one(dsn, "SELECT min(lease_until) FROM results WHERE status = 'claimed'")
-            wait_for(lambda: _lease_passed(dsn, lease), timeout=120)
+            wait_past(dsn, lease, timeout=120)
             with Claimer(dsn, owner="thief") as thief:
                 stolen = thief.claim().ids
         finally:
