@@ -65,6 +65,11 @@ def _wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def _backend_alive(conn: psycopg.Connection[Any], pid: int) -> bool:
+    row = conn.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)", (pid,))
+    return bool(row.fetchone() == (True,))
+
+
 def _backend_count(conn: psycopg.Connection[Any], app: str) -> int:
     row = conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
@@ -195,7 +200,9 @@ def test_timeouts_set_on_every_connection(dsn: str, admin: psycopg.Connection[An
         idle_timeout = psycopg.errors.IdleInTransactionSessionTimeout
         with pytest.raises(idle_timeout), pool.connection() as conn:
             conn.execute("SELECT 1")
-            time.sleep(1.0)
+            pid = conn.info.backend_pid
+            # until the server has ended the session, however long a loaded machine takes
+            _wait_until(lambda: not _backend_alive(admin, pid), timeout=60)
             conn.execute("SELECT 1")
         # ... and the pool replaces it.
         with pool.connection() as conn:
