@@ -959,6 +959,25 @@ def test_fail_retried_after_its_commit_landed_succeeds(dsn: str) -> None:
     assert statuses(dsn) == {"done": 2, "failed": 1}
 
 
+def test_errors_text_cannot_hold_are_stored_escaped(dsn: str) -> None:
+    """An error message with a NUL byte or a lone surrogate (scraped bytes decoded with
+    surrogateescape, say), which PostgreSQL text cannot hold, is stored with them
+    escaped: before, fail() raised (DataError, UnicodeEncodeError) and the rows stayed
+    claimed until their lease ran out."""
+    ids = fill(dsn, 3)
+    errors = ["ValueError: page has a \x00 byte", "ValueError: bad \udc80 byte", "plain"]
+    with Claimer(dsn, owner="w", batch_size=3) as w:
+        batch = w.claim()
+        w.fail_each(list(zip(batch.claims, errors, strict=True)))
+    assert [row(dsn, i)["last_error"] for i in ids] == [
+        "ValueError: page has a \\x00 byte",
+        "ValueError: bad \\udc80 byte",
+        "plain",
+    ]
+    assert {row(dsn, i)["status"] for i in ids} <= {"pending", "retry"}
+    assert_no_leaks(dsn)
+
+
 def test_lease_counts_from_the_statement_not_the_transaction_start(dsn: str) -> None:
     """Point 8: claim(conn=...) inside a transaction older than the lease commits a
     lease that lies in the future, so no other claimer takes the rows at once."""

@@ -524,6 +524,34 @@ def test_a_write_retried_after_its_backend_was_terminated_reports_the_retry(dsn:
     assert_no_leaks(dsn)
 
 
+def test_an_error_text_cannot_hold_does_not_stop_the_batch(dsn: str) -> None:
+    """An enrichment error whose message carries a NUL byte or a lone surrogate (text
+    PostgreSQL cannot store): the good rows are written and done, the failed rows
+    released with the message escaped.  Before, the failure statement raised inside
+    the write, so nothing of the batch was settled until its lease ran out."""
+    ids = _fill(dsn, 4, poison={2, 3})
+
+    def enrich(claim: Claim) -> dict[str, Any]:
+        if claim.data["poison"]:
+            tail = "\x00" if claim.data["n"] == 2 else "\udc80"
+            raise ValueError(f"page {claim.data['n']} has {tail}")
+        return _enrich_id(claim)
+
+    with Worker(dsn, enrich, server_id="s1", batch_size=4) as w:
+        w.run_once()
+    with psycopg.connect(dsn) as conn:
+        got = dict(conn.execute("SELECT id, (status, last_error) FROM results").fetchall())
+        written = one(dsn, "SELECT count(*) FROM zen_contacts")
+    assert [got[i] for i in ids] == [
+        ("done", None),
+        ("retry", "ValueError: page 2 has \\x00"),
+        ("retry", "ValueError: page 3 has \\udc80"),
+        ("done", None),
+    ]
+    assert (w.stats.written, w.stats.failed, written) == (2, 2, 2)
+    assert_no_leaks(dsn)
+
+
 def test_failures_and_bookkeeping_commit_with_the_write(dsn: str) -> None:
     """A batch with failed rows settles in one transaction: the failures, the contacts,
     the completions and the bookkeeping (before: a commit for the settling mark, one

@@ -39,7 +39,7 @@ from .locks import NAMESPACE_CLAIM
 from .pool import bare_connection, guarded_pool, local_timeouts, one_trip
 from .queries import load
 
-__all__ = ["Batch", "Claim", "Claimer", "claim_lock_key", "requeue"]
+__all__ = ["Batch", "Claim", "Claimer", "claim_lock_key", "requeue", "storable_text"]
 
 logger = logging.getLogger("zenpipe.claim")
 
@@ -262,8 +262,10 @@ class Claimer:
             "exact": exact,
             "affine": self.partition_affinity > 0,
         }
-        cur = conn.cursor()
-        # orjson parses the rows' raw data several times faster than json.
+        # Results in binary: the seven arrays load without text parsing (about 8% of the
+        # call's client CPU at 100 rows); orjson parses the rows' raw data several times
+        # faster than json.
+        cur = conn.cursor(binary=True)
         set_json_loads(orjson.loads, cur)
         cur.execute(self._queries["claim"], params)
         return cur
@@ -380,7 +382,8 @@ class Claimer:
         """Record *error* on the rows given and release them.
 
         A row whose attempt count reached ``max_attempts`` is parked as ``failed`` (never
-        claimed again until `requeue()`); the others go back to pending.  Transactions,
+        claimed again until `requeue()`); the others go back to pending.  What text cannot
+        hold (NUL bytes, lone surrogates) is stored escaped (`storable_text`).  Transactions,
         retries and `StaleClaimError` as for `complete()`.  Idempotent under the claim:
         a retry after a lost commit acknowledgement (or a second call) finds the rows
         already released by this claim and succeeds, changing nothing.
@@ -393,7 +396,7 @@ class Claimer:
     def fail_each(self, failures: Sequence[tuple[Claim, str]], *, conn: Conn | None = None) -> None:
         """`fail()` with an error of its own for each row: one statement per claim
         (a batch's failures in one, however many distinct errors they carry)."""
-        errors = {c.id: error for c, error in failures}
+        errors = {c.id: storable_text(error) for c, error in failures}
         self._settle(
             list({c.id: c for c, _ in failures}.values()),
             "fail",
@@ -524,6 +527,19 @@ class Claimer:
             ):
                 return fn(conn)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def storable_text(text: str) -> str:
+    """*text* as PostgreSQL text can hold it: NUL bytes as ``\\x00`` and lone surrogates
+    (bytes decoded with ``surrogateescape``, say) as ``\\udcXX``; anything else as is.
+
+    For messages: an error quoting the scraped bytes it choked on must still be
+    recorded, not make its own recording fail."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _by_token(claims: Sequence[Claim]) -> list[dict[str, Any]]:

@@ -152,7 +152,7 @@ SET status = 'claimed',
     settling = false,
     not_before = NULL
 FROM fence AS f
-WHERE r.id = ANY (%(ids)s::bigint[])
+WHERE r.id = ANY (%(ids)b::bigint[])
   AND (r.status = 'pending'
        OR (r.status = 'retry' AND r.not_before <= statement_timestamp())
        OR (r.status = 'claimed' AND r.lease_until < statement_timestamp()
@@ -202,7 +202,7 @@ SET status = 'done',
     lease_until = NULL,
     settling = false,
     last_error = NULL
-WHERE r.id = ANY (%(ids)s::bigint[])
+WHERE r.id = ANY (%(ids)b::bigint[])
   AND r.claim_token = %(token)s
   AND r.claim_id = %(claim_id)s
   AND r.status IN ('claimed', 'done')
@@ -214,7 +214,7 @@ RETURNING r.id;
 -- zen_complete_v1 (migration 0016) raises ZC002, naming the rows no longer held, and so
 -- applies nothing, unless every row is claimed under our claim or done under it (a retry
 -- after a lost acknowledgement).
-SELECT unnest(zen_complete_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s));
+SELECT unnest(zen_complete_v1(%(ids)b::bigint[], %(token)s, %(claim_id)s));
 
 -- name: extend
 -- Heartbeat: push the lease of every row of a batch in one statement (by primary key),
@@ -224,7 +224,7 @@ SELECT unnest(zen_complete_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s));
 -- at the statement, like the claim's, so servers with skewed clocks agree on expiry.
 -- %(settling)s marks the batch as being written (never unmarks it): a lease that runs
 -- out from then on is a slow write, not a crash.
-SELECT unnest(zen_extend_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s,
+SELECT unnest(zen_extend_v1(%(ids)b::bigint[], %(token)s, %(claim_id)s, %(lease)s,
                             %(settling)s));
 
 -- name: extend_settling
@@ -234,7 +234,7 @@ SELECT unnest(zen_extend_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)
 -- all or nothing (zen_extend_v1 raises ZC002 naming the rows no longer held), so a
 -- pipelined caller that cannot look before it goes on never marks part of a batch, and
 -- the write pipelined behind it is skipped.
-SELECT unnest(zen_extend_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)s, true));
+SELECT unnest(zen_extend_v1(%(ids)b::bigint[], %(token)s, %(claim_id)s, %(lease)s, true));
 
 -- name: fail
 -- Record the failures of the rows of one claim in one statement (by primary key), each
@@ -249,7 +249,7 @@ SELECT unnest(zen_extend_v1(%(ids)s::bigint[], %(token)s, %(claim_id)s, %(lease)
 -- failed, still carrying our token and claim_id: a retry after a lost COMMIT
 -- acknowledgement) is matched again and left as it is, so the retry succeeds instead
 -- of abandoning the batch. A new claim of the row replaces the claim_id: fenced.
-SELECT unnest(zen_fail_v1(%(ids)s::bigint[], %(errors)s::text[], %(token)s, %(claim_id)s,
+SELECT unnest(zen_fail_v1(%(ids)b::bigint[], %(errors)b::text[], %(token)s, %(claim_id)s,
                           %(max_attempts)s::integer));
 
 -- name: release_rows
@@ -264,7 +264,7 @@ SET status = 'pending',
     lease_until = NULL,
     settling = false,
     claim_owner = NULL
-WHERE r.id = ANY (%(ids)s::bigint[])
+WHERE r.id = ANY (%(ids)b::bigint[])
   AND r.claim_token = %(token)s
   AND r.claim_id = %(claim_id)s
   AND r.status IN ('claimed', 'pending')
@@ -283,7 +283,7 @@ WHERE r.status = 'failed';
 UPDATE results AS r
 SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
     settling = false, not_before = NULL
-WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'failed';
+WHERE r.id = ANY(%(ids)b::bigint[]) AND r.status = 'failed';
 
 -- name: requeue_ids
 -- Any non-pending rows given back to pending (re-scrape done rows, free claimed ones).
@@ -291,7 +291,7 @@ WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'failed';
 UPDATE results AS r
 SET status = 'pending', attempts = 0, expiries = 0, lease_until = NULL, claim_owner = NULL,
     claim_token = NULL, claim_id = NULL, done_at = NULL, settling = false, not_before = NULL
-WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status <> 'pending';
+WHERE r.id = ANY(%(ids)b::bigint[]) AND r.status <> 'pending';
 
 -- name: requeue_all
 -- Every non-pending row back to pending (full re-run), fencing off live claims.

@@ -26,11 +26,11 @@ WITH new_key AS (
 SELECT
     (SELECT count(*) FROM new_key) AS key_inserted,
     ARRAY(SELECT b.id
-          FROM unnest(%(source_ids)s::bigint[]) AS b (id)
+          FROM unnest(%(source_ids)b::bigint[]) AS b (id)
           WHERE NOT EXISTS (SELECT 1 FROM results AS r WHERE r.id = b.id)
           ORDER BY b.id) AS unknown_source_ids,
     ARRAY(SELECT o.i
-          FROM unnest(%(obs_index)s::integer[], %(obs_us)s::bigint[]) AS o (i, us)
+          FROM unnest(%(obs_index)b::integer[], %(obs_us)b::bigint[]) AS o (i, us)
           WHERE o.us > zen_clock_us_v1() + %(max_future)s
           ORDER BY o.i) AS in_future;
 
@@ -47,13 +47,13 @@ SELECT
 WITH locked AS MATERIALIZED (
     SELECT r.id, r.claim_token, r.claim_id, r.status
     FROM results AS r
-    WHERE r.id = ANY (%(ids)s::bigint[])
+    WHERE r.id = ANY (%(ids)b::bigint[])
     ORDER BY r.id
     FOR NO KEY UPDATE
 )
 SELECT count(*)
 FROM locked AS l
-JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(claim_ids)s::uuid[])
+JOIN unnest(%(ids)b::bigint[], %(tokens)b::bigint[], %(claim_ids)b::uuid[])
      AS b (id, token, claim_id)
   ON l.id = b.id AND l.claim_token = b.token AND l.claim_id = b.claim_id
 WHERE l.status = 'done';
