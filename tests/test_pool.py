@@ -10,12 +10,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import psycopg_pool
 import pytest
+from helpers import wait_for
 
 from zenpipe import cli
 from zenpipe.config import Settings
@@ -55,14 +56,6 @@ def _settings(dsn: str, **kw: Any) -> Settings:
     }
     base.update(kw)
     return Settings(**base)
-
-
-def _wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def _backend_alive(conn: psycopg.Connection[Any], pid: int) -> bool:
@@ -164,7 +157,7 @@ def test_waiting_queue_is_bounded(dsn: str) -> None:
         waiters = [threading.Thread(target=wait) for _ in range(2)]
         for t in waiters:
             t.start()
-        _wait_until(lambda: pool.metrics().waiting == 2)
+        wait_for(lambda: pool.metrics().waiting == 2)
         with pytest.raises(PoolQueueFullError) as info:
             pool.getconn()
         assert isinstance(info.value, psycopg_pool.TooManyRequests)
@@ -202,7 +195,7 @@ def test_timeouts_set_on_every_connection(dsn: str, admin: psycopg.Connection[An
             conn.execute("SELECT 1")
             pid = conn.info.backend_pid
             # until the server has ended the session, however long a loaded machine takes
-            _wait_until(lambda: not _backend_alive(admin, pid), timeout=60)
+            wait_for(lambda: not _backend_alive(admin, pid), timeout=60)
             conn.execute("SELECT 1")
         # ... and the pool replaces it.
         with pool.connection() as conn:
@@ -221,7 +214,7 @@ def test_terminated_backends_are_replaced(dsn: str, admin: psycopg.Connection[An
             (app,),
         ).fetchone()
         assert killed == (3,)
-        _wait_until(lambda: _backend_count(admin, app) == 0)
+        wait_for(lambda: _backend_count(admin, app) == 0)
         for _ in range(6):  # every pooled connection was dead: each is checked, replaced
             with pool.connection() as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -263,7 +256,7 @@ def test_max_idle_shrinks_to_pool_min(dsn: str) -> None:
         for c in held:
             pool.putconn(c)
         assert pool.metrics().pool_size == 3
-        _wait_until(lambda: pool.metrics().pool_size == 1)
+        wait_for(lambda: pool.metrics().pool_size == 1)
 
 
 # -- 5. PgBouncer transaction mode ---------------------------------------------------
@@ -417,7 +410,7 @@ def test_registration_waits_for_the_fleet_lock(dsn: str, admin: psycopg.Connecti
         admin.execute("SELECT pg_advisory_xact_lock(%s, 1)", (NAMESPACE_FLEET,))
         t = threading.Thread(target=lambda: (m.register(pool_max=2, pool_floor=0), done.set()))
         t.start()
-        _wait_until(
+        wait_for(
             lambda: (
                 admin.execute(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
@@ -442,7 +435,7 @@ def test_heartbeat_reports_metrics_and_close_leaves(
         with pool.connection() as conn:
             conn.execute("SELECT 1")
         first = pool.fleet.heartbeats
-        _wait_until(lambda: pool.fleet is not None and pool.fleet.heartbeats >= first + 2)
+        wait_for(lambda: pool.fleet is not None and pool.fleet.heartbeats >= first + 2)
         row = admin.execute(
             "SELECT host, pid, pool_size, version, stats, expires_at > now() FROM zen_servers"
             " WHERE server_id = %s",
@@ -594,7 +587,7 @@ def test_evicted_server_shrinks_to_its_floor_and_stays_within_budget(
     with ZenPool(a) as pool_a:
         pool_a.wait(timeout=30)
         assert pool_a.fleet is not None
-        _wait_until(lambda: _fleet_backends(admin, a.server_id or "") == 4)
+        wait_for(lambda: _fleet_backends(admin, a.server_id or "") == 4)
         # A stall longer than the lease: A's row expires, its 3 + 1 connections are
         # free in the registry, and B and C take the whole budget (5 + 1, 1 + 1).
         _expire(admin, a.server_id)
@@ -608,7 +601,7 @@ def test_evicted_server_shrinks_to_its_floor_and_stays_within_budget(
             with pytest.raises(FleetBudgetExceeded):
                 pool_a.fleet.beat()
             assert pool_a.max_size == 1 and pool_a.fleet.evictions == 1
-            _wait_until(lambda: _fleet_backends(admin, a.server_id or "") == 2)
+            wait_for(lambda: _fleet_backends(admin, a.server_id or "") == 2)
             # C leaves: A's next heartbeat is granted a share again (what is left: 1).
             c.stop()
             pool_a.fleet.beat()
@@ -617,7 +610,7 @@ def test_evicted_server_shrinks_to_its_floor_and_stays_within_budget(
                 "SELECT sum(pool_size + 1) FROM zen_servers WHERE expires_at > now()"
             ).fetchone()
             assert live == (budget,)
-            _wait_until(lambda: _fleet_backends(admin, a.server_id or "", b.server_id or "") == 8)
+            wait_for(lambda: _fleet_backends(admin, a.server_id or "", b.server_id or "") == 8)
             assert _fleet_backends(admin, a.server_id, b.server_id) <= budget
             with pool_a.connection() as conn:  # still serving, at its floor
                 assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -645,7 +638,7 @@ def test_heartbeat_waits_for_the_registration_lock(
             admin.execute("SELECT pg_advisory_xact_lock(%s, 1)", (NAMESPACE_FLEET,))
             t = threading.Thread(target=beat)
             t.start()
-            _wait_until(
+            wait_for(
                 lambda: (
                     admin.execute(
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
@@ -741,7 +734,7 @@ def test_registration_with_many_jobs_of_an_expired_server(
     ).fetchone() == (0,)
     with ZenPool(_settings(dsn, server_id="fresh", pool_max=2)) as pool:
         assert pool.max_size == 2
-        _wait_until(
+        wait_for(
             lambda: (
                 admin.execute(
                     "SELECT count(*) FROM zen_servers WHERE server_id = 'crashed'"

@@ -541,7 +541,7 @@ def test_an_error_text_cannot_hold_does_not_stop_the_batch(dsn: str) -> None:
         w.run_once()
     with psycopg.connect(dsn) as conn:
         got = dict(conn.execute("SELECT id, (status, last_error) FROM results").fetchall())
-        written = one(dsn, "SELECT count(*) FROM zen_contacts")
+    written = one(dsn, "SELECT count(*) FROM zen_contacts")
     assert [got[i] for i in ids] == [
         ("done", None),
         ("retry", "ValueError: page 2 has \\x00"),
