@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -233,6 +233,22 @@ def _in_progress_take(dsn: str, ids: list[int]) -> psycopg.Connection[Any]:
     return other
 
 
+def _wait_for_a_lock_wait(
+    monitor: psycopg.Connection[Any], where: LiteralString, value: object
+) -> None:
+    """Wait (30 s at most) until the backend *where* matches waits on a lock."""
+    query = psycopg.sql.SQL(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {}"
+    ).format(psycopg.sql.SQL(where))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = monitor.execute(query, (value,)).fetchone()
+        if row is not None and row[0] == 1:
+            return
+        time.sleep(0.01)
+    pytest.fail("the claim never waited for the other transaction")
+
+
 def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> None:
     """The snapshot race: rows that look pending to the claim statement are claimed by a
     transaction that commits after the statement's snapshot. The statement locks them,
@@ -257,16 +273,7 @@ def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> N
         t.start()
         with psycopg.connect(dsn, autocommit=True) as monitor:
             # Wait until the claim statement blocks on the other worker's row lock...
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                w = monitor.execute(
-                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (racer_pid,)
-                ).fetchone()
-                if w is not None and w[0] == "Lock":
-                    break
-                time.sleep(0.01)
-            else:
-                pytest.fail("the claim never waited for the other transaction")
+            _wait_for_a_lock_wait(monitor, "pid = %s", racer_pid)
             # ...then let the other worker commit: our statement's re-check now fails.
             other.commit()
             t.join(30)
@@ -277,6 +284,36 @@ def test_claim_race_with_a_concurrent_commit_releases_extra_locks(dsn: str) -> N
             assert claim_locks(monitor, racer_pid) == len(batch) == 20
         conn.commit()
         conn.close()
+    other.close()
+    assert_no_leaks(dsn)
+
+
+def test_a_claim_that_raced_for_every_row_claims_the_rows_behind_them(dsn: str) -> None:
+    """In its own transaction a claim keeps the rows it took; one that took none (every
+    row it locked was claimed by a transaction that committed after its snapshot) rolls
+    back and starts again past the rows it raced for (migration 0024): it returns the
+    pending rows behind them, not an empty batch while rows wait."""
+    ids = fill(dsn, 40)
+    other = _in_progress_take(dsn, ids[:20])  # the whole first window (4 x 5) is busy
+    result: dict[str, Any] = {}
+    with Claimer(dsn, owner="racer", batch_size=5) as racer:
+
+        def run() -> None:
+            try:
+                result["batch"] = racer.claim()  # its own transaction
+            except BaseException as e:  # pragma: no cover - reported below
+                result["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        with psycopg.connect(dsn, autocommit=True) as monitor:  # the take waits on a row lock
+            _wait_for_a_lock_wait(monitor, "query LIKE %s", "%zen_claim_v4%")
+        other.commit()
+        t.join(30)
+        assert "error" not in result
+        batch: Batch = result["batch"]
+        assert racer.race_rollbacks == 1
+        assert batch.ids == ids[20:25]
     other.close()
     assert_no_leaks(dsn)
 
@@ -389,23 +426,34 @@ def test_claim_plan_locks_only_inside_the_fenced_cte(
 
 @pytest.mark.parametrize("affine", [False, True], ids=["window order", "partition affinity"])
 def test_only_an_affine_claim_runs_the_affine_order(dsn: str, affine: bool) -> None:
-    """Migration 0020: a plain claim (the Claimer's default) orders its window with one
-    sort; the affine order's window functions and their sorts run only when asked for
-    (zen_claim_v3 ran them for every claim, a third of the lock statement at batch 500).
+    """Migration 0020: the affine order's window functions and their sorts run only when
+    asked for (zen_claim_v3 ran them for every claim, a third of the lock statement at
+    batch 500). Migration 0024: a plain claim (the Claimer's default) does not sort at
+    all and reads only as much of the window as its batch needs: the pending scan stops
+    at the tenth row locked instead of reading, sorting and counting all 40 (and the
+    window's size and end, needed only when no lock was held, are not read).
     """
     plan = _plan(dsn, drop_indexes=False, affine=affine)
-    candidates = next(n for n in _nodes(plan) if n.get("Subplan Name") == "CTE candidates")
+    nodes = list(_nodes(plan))
+    candidates = next(n for n in nodes if n.get("Subplan Name") == "CTE candidates")
     # the nodes that read rows (the branch not asked for may start, and reads none)
     busy = [n for n in _nodes(candidates) if n.get("Actual Rows", 0) > 0]
     windows = [n for n in busy if n["Node Type"] == "WindowAgg"]
     sorts = [n for n in busy if n["Node Type"] in {"Sort", "Incremental Sort"}]
-    if affine:
+    scanned = next(n for n in nodes if n.get("Subplan Name") == "CTE scanned")
+    pending = [n for n in _nodes(scanned) if n.get("Index Name") == "results_pending_idx"]
+    assert len(pending) == 1
+    if affine:  # the partition order needs the whole window before the first lock
         assert len(windows) == 2
+        assert pending[0]["Actual Rows"] == scanned["Actual Rows"] == 40
     else:
-        assert windows == []
-        assert len(sorts) == 1
-    # either way the locks are tried over the whole window
-    assert candidates["Actual Rows"] == 40
+        assert windows == [] and sorts == []
+        assert pending[0]["Actual Rows"] == scanned["Actual Rows"] == 10
+    # the locks are tried on candidates in order until the batch is held
+    assert candidates["Actual Rows"] == 10
+    counts = [n for n in nodes if n["Node Type"] == "Aggregate" and any(
+        c.get("CTE Name") == "candidates" for c in n.get("Plans", []))]  # fmt: skip
+    assert counts and all(n.get("Actual Loops", 0) == 0 for n in counts)
 
 
 # -- partition affinity -------------------------------------------------------------------

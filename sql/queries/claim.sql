@@ -1,7 +1,7 @@
 -- Statements of the claimer (zenpipe.claim). Parameters are named; every value is bound.
 
 -- name: claim
--- A whole claim, one round trip: zen_claim_v4 (migrations 0016, 0018, 0019, 0020) runs claim_lock, window
+-- A whole claim, one round trip: zen_claim_v4 (migrations 0016, 0018, 0019, 0020, 0024) runs claim_lock, window
 -- after window, then claim_take, each with its own snapshot, and retries a raced attempt
 -- itself (rolled back to the block's savepoint, locks released). One row back: the
 -- claimed rows as arrays in priority-then-age order, whether an empty batch came back
@@ -28,12 +28,14 @@ FROM zen_claim_v4(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
 --    trap). Pending rows come from results_pending_idx in index order, after the
 --    keyset (after_priority, after_id) of the previous window: a window whose every row
 --    is locked by other claimers is looked past, not mistaken for "no work".
---  * candidates: the window's rows in the order the locks are tried: the window's
---    order (one sort), or with %(affine)s, within each priority, partition by partition
---    of zen_contacts (zen_partition_of_v1 of the link), the partition of the oldest row
---    first (migration 0018: a batch's writes then touch few leaves). Two branches gated
---    by %(affine)s (migration 0020): the affine order's windows and sorts run only for
---    an affine claim. Rows another
+--  * candidates: the window's rows in the order the locks are tried: the window's own
+--    order, or with %(affine)s, within each priority, partition by partition of
+--    zen_contacts (zen_partition_of_v1 of the link), the partition of the oldest row
+--    first (migration 0018: a batch's writes then touch few leaves). Branches gated by
+--    %(affine)s (migration 0020): the affine order's windows and sorts run only for an
+--    affine claim. The plain order needs no sort (migration 0024): PostgreSQL reads a
+--    CTE lazily, in the order its rows were made, so the pending scan stops once the
+--    batch is locked (test_claim.py pins the order and the rows read). Rows another
 --    transaction is taking (busy: the visible version's xmax is a transaction running
 --    when this statement's snapshot was taken) come after all the others (migration
 --    0019): a claim that committed since that snapshot released their locks, and
@@ -41,8 +43,8 @@ FROM zen_claim_v4(%(owner)s, %(claim_id)s, %(batch)s, %(scan)s, %(lease)s,
 --  * locked: try the two-key transaction lock over that fixed set; the LIMIT stops the
 --    executor calling the function once the group's size of locks is held.
 -- One row back: the ids locked, the source of the window, how many candidates it had
--- (a full window may have more behind it), its last key (the next window's keyset),
--- and when the next row in backoff is due.
+-- (a full window may have more behind it) and its last key (the next window's keyset),
+-- those two only when no lock was held, and when the next row in backoff is due.
 -- Times are statement_timestamp(): now() is the start of a caller's transaction, which
 -- may be older than a lease.
 WITH expired AS MATERIALIZED (
@@ -85,12 +87,17 @@ scanned AS MATERIALIZED (
     LIMIT %(scan)s
 ),
 candidates AS MATERIALIZED (
+    -- plain: the window's own order, rows not busy first, no sort (the
+    -- lazily read CTEs stop at the batch)
     (SELECT w.id, w.priority
      FROM scanned AS w
      WHERE NOT %(affine)s::boolean
-     ORDER BY w.src,
-              age(w.xmax) <= (SELECT age(xid(pg_snapshot_xmin(pg_current_snapshot())))),
-              w.priority DESC, w.id)
+       AND (age(w.xmax) <= (SELECT age(xid(pg_snapshot_xmin(pg_current_snapshot()))))) IS NOT TRUE)
+    UNION ALL
+    (SELECT w.id, w.priority
+     FROM scanned AS w
+     WHERE NOT %(affine)s::boolean
+       AND (age(w.xmax) <= (SELECT age(xid(pg_snapshot_xmin(pg_current_snapshot()))))) IS TRUE)
     UNION ALL
     (SELECT s.id, s.priority
      FROM (SELECT w.id, w.priority, w.src,
@@ -117,14 +124,18 @@ locked AS MATERIALIZED (
 SELECT (SELECT coalesce(array_agg(l.id), '{}') FROM locked AS l) AS ids,
        (SELECT g.n FROM grp AS g) AS group_size,
        EXISTS (SELECT FROM expired) AS expired,
-       (SELECT count(*) FROM candidates) AS seen,
+       -- the window's size and end, only when no lock was held
+       CASE WHEN NOT EXISTS (SELECT FROM locked)
+            THEN (SELECT count(*) FROM candidates) END AS seen,
        last.priority, last.id,
        -- seconds until the next failed row is due again (NULL: none waits)
        (SELECT extract(epoch FROM min(t.not_before) - statement_timestamp())::float8
         FROM results AS t WHERE t.status = 'retry') AS retry_in
 FROM (SELECT NULL) AS one
 LEFT JOIN LATERAL (
-    SELECT c.priority, c.id FROM candidates AS c ORDER BY c.priority, c.id DESC LIMIT 1
+    SELECT c.priority, c.id FROM candidates AS c
+    WHERE NOT EXISTS (SELECT FROM locked)
+    ORDER BY c.priority, c.id DESC LIMIT 1
 ) AS last ON true;
 
 -- name: claim_take
