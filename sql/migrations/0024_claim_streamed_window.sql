@@ -12,10 +12,12 @@
 -- the next window); an attempt that raced for every row it locked (its own
 -- transaction's claim) starts the next one past those rows, not past the window's end.
 -- Measured: one backend, 100-row batches, lock statement 1.69 -> 0.97 ms and the whole
--- claim call 5.24 -> 4.48 ms; 8 processes, 100,000 rows, durable PostgreSQL 15, 3
--- interleaved repetitions: x the SKIP LOCKED lease loop 0.88 -> 0.97 at batch 100 and
--- 0.84 -> 0.91 at batch 500, races 297 -> 196 and 108 -> 72.
--- tests/test_claim.py::test_only_an_affine_claim_runs_the_affine_order pins it.
+-- claim call 5.24 -> 4.48 ms; 8 processes, 100,000 rows, durable PostgreSQL 15, 5
+-- interleaved repetitions, migration 0020's body patched into the same benchmark's
+-- databases: x the SKIP LOCKED lease loop 0.88 -> 0.95 at batch 100 and 0.80 -> 0.80
+-- at batch 500, races 228 -> 197 and 151 -> 114, claim p50 at 100 12.2 -> 10.7 ms.
+-- tests/test_claim.py::test_only_an_affine_claim_runs_the_affine_order pins the rows
+-- read, test_a_claim_that_raced_for_every_row_claims_the_rows_behind_them the restart.
 CREATE OR REPLACE FUNCTION zen_claim_v4(
     p_owner text,
     p_claim_id uuid,
