@@ -14,6 +14,10 @@ the same repetition.
 * ``procrastinate``: ``JobManager.fetch_job`` (one job per fetch: procrastinate has no
   batch fetch) and ``finish_job``, on its psycopg connector; fewer rows
   (``--procrastinate-rows``) since it is slow, rows/s measured on those.
+* ``skip_locked`` and ``skip_locked_lease``: bench_claim's two SKIP LOCKED loops (mark
+  done only; a committed lease first, then mark done), as references: every method's
+  rate is also given as a ratio to PgQueuer's in the same repetition, so the report
+  shows how far above PgQueuer the lease loop, the least a crash-safe claim does, runs.
 
     python -m benchmarks.bench_peers --rows 100000 --batch 100
 """
@@ -31,10 +35,12 @@ from typing import Any
 
 import psycopg
 
-from .bench_claim import _fill, _pct
+from .bench_claim import SKIP_LOCKED_CLAIM, _fill, _loop_plain, _pct, _spread
 from .common import base_parser, fresh_database, server, write_report
 
 PEERS = {"pgqueuer": "pgqueuer", "procrastinate": "procrastinate"}
+#: bench_claim's SKIP LOCKED loops, on zenpipe's schema.
+REFERENCES = ("skip_locked", "skip_locked_lease")
 
 
 def available(method: str) -> bool:
@@ -181,6 +187,11 @@ def _worker(  # noqa: PLR0917 - multiprocessing passes arguments positionally
     deadline = time.monotonic() + cap
     if method == "zenpipe":
         done, latency = _zenpipe(dsn, batch, index, deadline)
+    elif method in REFERENCES:
+        ids, _, lat = _loop_plain(
+            dsn, SKIP_LOCKED_CLAIM, deadline, batch_size=batch, lease=method == "skip_locked_lease"
+        )
+        done, latency = len(ids), list(lat)
     elif method == "pgqueuer":
         done, latency = asyncio.run(_pgqueuer_loop(dsn, batch, deadline))
     else:
@@ -191,8 +202,9 @@ def _worker(  # noqa: PLR0917 - multiprocessing passes arguments positionally
 def run_method(
     server_dsn: str, method: str, *, rows: int, workers: int, batch: int, cap: float
 ) -> dict[str, Any]:
-    with fresh_database(server_dsn, migrate=method == "zenpipe") as dsn:
-        if method == "zenpipe":
+    on_zenpipe = method == "zenpipe" or method in REFERENCES
+    with fresh_database(server_dsn, migrate=on_zenpipe) as dsn:
+        if on_zenpipe:
             _fill(dsn, rows)
         elif method == "pgqueuer":
             asyncio.run(_pgqueuer_setup(dsn, rows))
@@ -238,7 +250,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--cap-seconds", type=float, default=600.0)
     args = parser.parse_args()
-    methods = ["zenpipe", "pgqueuer", "procrastinate"]
+    methods = ["zenpipe", *REFERENCES, "pgqueuer", "procrastinate"]
     missing = [m for m in methods if not available(m)]
     methods = [m for m in methods if m not in missing]
     runs: list[dict[str, Any]] = []
@@ -261,6 +273,8 @@ def main() -> None:
     for batch in args.batches:
         zen = {r["rep"]: r["rows_per_s"] for r in runs if r["method"] == "zenpipe"
                and r["batch"] == batch}  # fmt: skip
+        pgq = {r["rep"]: r["rows_per_s"] for r in runs if r["method"] == "pgqueuer"
+               and r["batch"] == batch}  # fmt: skip
         for method in methods:
             mine = [r for r in runs if r["method"] == method
                     and r["batch"] == (1 if method == "procrastinate" else batch)]  # fmt: skip
@@ -268,6 +282,7 @@ def main() -> None:
                 continue
             rates = [r["rows_per_s"] for r in mine]
             ratios = [zen[r["rep"]] / max(r["rows_per_s"], 1e-9) for r in mine if r["rep"] in zen]
+            over_pgq = [r["rows_per_s"] / pgq[r["rep"]] for r in mine if pgq.get(r["rep"])]
             key = f"{method}@{batch}"
             summary[key] = {
                 "rows_per_s_median": statistics.median(rates),
@@ -278,6 +293,7 @@ def main() -> None:
                 "zenpipe_x_max": round(max(ratios), 2),
                 "p50_ms": statistics.median(r["claim_p50_ms"] for r in mine),
                 "p99_ms": statistics.median(r["claim_p99_ms"] for r in mine),
+                "x_pgqueuer": _spread(over_pgq) if over_pgq else None,
             }
             s = summary[key]
             table.append({
@@ -287,6 +303,10 @@ def main() -> None:
                 "rows/s min-max": f"{s['rows_per_s_min']:,.0f}-{s['rows_per_s_max']:,.0f}",
                 "zenpipe x (median, min-max)":
                     f"{s['zenpipe_x_median']} ({s['zenpipe_x_min']}-{s['zenpipe_x_max']})",
+                "x PgQueuer (median, min-max)": (
+                    f"{s['x_pgqueuer']['median']} ({s['x_pgqueuer']['min']}-"
+                    f"{s['x_pgqueuer']['max']})" if s["x_pgqueuer"] else ""
+                ),
                 "claim p50 ms": s["p50_ms"],
                 "claim p99 ms": s["p99_ms"],
             })  # fmt: skip
