@@ -41,7 +41,7 @@ import psycopg
 
 from zenpipe.claim import Claimer
 
-from .common import base_parser, fresh_database, server, write_report
+from .common import add_repetitions, base_parser, fresh_database, repetitions, server, write_report
 
 SEED_CLAIM = """
 SELECT id, data FROM results
@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 500])
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    add_repetitions(parser)
     parser.add_argument("--seed", action="store_true", help="also run the seed pattern")
     parser.add_argument(
         "--seed-seconds", type=float, default=60.0, help="time cap of the seed pattern (it is slow)"
@@ -313,7 +313,7 @@ def main() -> None:
             )  # fmt: skip
             print(r, flush=True)
             runs.append({**r, "rep": 0})
-        for rep in range(args.reps):  # interleaved: every method once per repetition
+        for rep in repetitions(args):  # interleaved: every method once per repetition
             for batch in args.batches:
                 for method in methods:
                     r = run_method(
@@ -321,7 +321,8 @@ def main() -> None:
                         cap=args.cap_seconds,
                     )  # fmt: skip
                     print(rep, r, flush=True)
-                    runs.append({**r, "rep": rep})
+                    if rep >= 0:  # not a warm-up
+                        runs.append({**r, "rep": rep})
     rows_out = []
     summary: dict[str, Any] = {}
     for batch in args.batches:
@@ -360,6 +361,7 @@ def main() -> None:
         "workers": args.workers,
         "batches": args.batches,
         "reps": args.reps,
+        "warmup": args.warmup,
         "durable": True,
         "summary": summary,
         "targets": {"zenpipe_vs_skip_locked_lease_min": 1.0, "zenpipe_duplicates": 0},

@@ -38,7 +38,7 @@ from typing import Any
 from zenpipe.bench import data as bench_data
 from zenpipe.bench.baselines import crash_safe_floor, physical_reference
 
-from .common import base_parser, server, write_report
+from .common import add_repetitions, base_parser, repetitions, server, write_report
 
 
 def main() -> None:
@@ -47,16 +47,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11, help="data seed (as zenpipe bench)")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, nargs="+", default=[100])
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    add_repetitions(parser)
     args = parser.parse_args()
     dataset = bench_data.generate(args.rows, seed=args.seed)
     expected = bench_data.expect(dataset)
     runs: list[dict[str, Any]] = []
     with server(args.dsn) as server_dsn:
-        for rep in range(args.reps):  # interleaved: every method once per repetition
+        for rep in repetitions(args):  # interleaved: every method once per repetition
             ref = physical_reference(server_dsn, dataset, expected)
             print(rep, ref, flush=True)
-            runs.append({**ref, "rep": rep, "batch": None, "sessions": 1})
+            if rep >= 0:  # not a warm-up
+                runs.append({**ref, "rep": rep, "batch": None, "sessions": 1})
             for batch in args.batch:
                 for sessions in args.sessions:
                     r = crash_safe_floor(
@@ -64,7 +65,8 @@ def main() -> None:
                     )
                     r["method"] = f"floor x{sessions}"
                     print(rep, r, flush=True)
-                    runs.append({**r, "rep": rep})
+                    if rep >= 0:
+                        runs.append({**r, "rep": rep})
     table = []
     summary: dict[str, Any] = {}
     refs = {r["rep"]: r["rows_per_s"] for r in runs if r["method"] == "physical_reference"}

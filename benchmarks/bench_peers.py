@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 
 from .bench_claim import SKIP_LOCKED_CLAIM, _fill, _loop_plain, _pct, _spread
-from .common import base_parser, fresh_database, server, write_report
+from .common import add_repetitions, base_parser, fresh_database, repetitions, server, write_report
 
 PEERS = {"pgqueuer": "pgqueuer", "procrastinate": "procrastinate"}
 #: bench_claim's SKIP LOCKED loops, on zenpipe's schema.
@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--procrastinate-rows", type=int, default=5_000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 500])
-    parser.add_argument("--reps", type=int, default=3)
+    add_repetitions(parser)
     parser.add_argument("--cap-seconds", type=float, default=600.0)
     args = parser.parse_args()
     methods = ["zenpipe", *REFERENCES, "pgqueuer", "procrastinate"]
@@ -255,7 +255,7 @@ def main() -> None:
     methods = [m for m in methods if m not in missing]
     runs: list[dict[str, Any]] = []
     with server(args.dsn, settings={"max_connections": "100"}) as server_dsn:
-        for rep in range(args.reps):
+        for rep in repetitions(args):
             for batch in args.batches:
                 for method in methods:
                     if method == "procrastinate" and batch != args.batches[0]:
@@ -267,7 +267,8 @@ def main() -> None:
                     )  # fmt: skip
                     r["rep"] = rep
                     print(r, flush=True)
-                    runs.append(r)
+                    if rep >= 0:  # not a warm-up
+                        runs.append(r)
     table = []
     summary: dict[str, Any] = {}
     for batch in args.batches:
@@ -315,6 +316,7 @@ def main() -> None:
         "procrastinate_rows": args.procrastinate_rows,
         "workers": args.workers,
         "reps": args.reps,
+        "warmup": args.warmup,
         "missing_peers": missing,
         "summary": summary,
         "targets": {"x_pgqueuer_min": 2.0, "x_procrastinate_min": 30.0},

@@ -44,7 +44,15 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.common import base_parser, fresh_database, peak_rss_mb, server, write_report
+from benchmarks.common import (
+    add_repetitions,
+    base_parser,
+    fresh_database,
+    peak_rss_mb,
+    repetitions,
+    server,
+    write_report,
+)
 from zenpipe import keys
 from zenpipe.upsert import (
     _COPY_PATH_TYPES,
@@ -415,21 +423,16 @@ def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000, help="records per upsert call")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed repetitions first (not reported)"
-    )
+    add_repetitions(parser)
     parser.add_argument("--chunk", type=int, default=CHUNK_ROWS, help="Upserter chunk_rows")
     args = parser.parse_args()
     rows, size = args.rows, args.batch
     runs: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     with server(args.dsn) as server_dsn, fresh_database(server_dsn) as dsn:
-        # every method once per repetition, in turn; the first --warmup repetitions are
-        # thrown away: on a new server the first pass of each kind also creates the WAL
-        # segments later passes recycle (the update floor's first pass ran at a third of
-        # the others' rate)
-        for rep in range(-args.warmup, args.reps):
+        # every method once per repetition, in turn, after the untimed warm-up ones (on
+        # a new server the update floor's first pass ran at a third of its later rate)
+        for rep in repetitions(args):
             wal = _wal_segments(dsn)
             truncate(dsn)
             copy_s = run_copy(dsn, rows, size)

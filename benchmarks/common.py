@@ -38,6 +38,23 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_repetitions(parser: argparse.ArgumentParser) -> None:
+    """``--reps`` interleaved repetitions, after ``--warmup`` untimed ones."""
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed repetitions first, not reported: on a new server the first pass "
+        "also creates the WAL segments that later passes recycle",
+    )
+
+
+def repetitions(args: argparse.Namespace) -> range:
+    """The repetition numbers to run: the warm-up ones are negative (not reported)."""
+    return range(-args.warmup, args.reps)
+
+
 @contextmanager
 def server(dsn: str | None, settings: dict[str, str] | None = None) -> Iterator[str]:
     """Yield the DSN of a server: the one given, or a throwaway one."""
