@@ -584,6 +584,24 @@ def test_expired_lease_is_claimable_again_with_a_new_token(dsn: str) -> None:
     assert_no_leaks(dsn)
 
 
+def test_a_settle_of_rows_from_two_claims_fences_each_by_its_own_token(dsn: str) -> None:
+    """complete() of one Batch holding the rows of two claims runs one statement per
+    claim, each under that claim's token and id: every row is done, none is refused."""
+    ids = fill(dsn, 6)
+    with Claimer(dsn, owner="two", batch_size=3) as claimer:
+        first, second = claimer.claim(), claimer.claim()
+        assert first.claims[0].token != second.claims[0].token
+        both = Batch(
+            owner="two", claims=first.claims + second.claims, lease_until=first.lease_until
+        )
+        claimer.complete(both)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT id, status, claim_token FROM results ORDER BY id").fetchall()
+    tokens = {c.id: c.token for c in both.claims}
+    assert [(r[0], r[1], r[2]) for r in rows] == [(i, "done", tokens[i]) for i in ids]
+    assert_no_leaks(dsn)
+
+
 def test_extend_pushes_the_lease_in_one_statement(dsn: str, claimer: Claimer) -> None:
     ids = fill(dsn, 5)
     batch = claimer.claim()

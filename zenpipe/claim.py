@@ -321,10 +321,8 @@ class Claimer:
     ) -> Batch:
         # rows: (id, token, attempts, link, data, priority, lease_until)
         ordered = sorted(rows, key=lambda r: (-r[5], r[0]))
-        claims = tuple(
-            Claim(id=r[0], token=r[1], attempt=r[2], link=r[3], data=r[4], claim_id=claim_id)
-            for r in ordered
-        )
+        # positional: a third cheaper per row than keywords (id, token, attempt, link, data)
+        claims = tuple(Claim(r[0], r[1], r[2], r[3], r[4], claim_id) for r in ordered)
         lease = min(r[6] for r in ordered) if ordered else datetime.now(UTC)
         return Batch(
             owner=self.owner,
@@ -547,6 +545,13 @@ def _by_token(claims: Sequence[Claim]) -> list[dict[str, Any]]:
 
     Ids sorted: concurrent statements touching the same rows lock them in one order.
     """
+    if not claims:
+        return []
+    first = claims[0]
+    token, claim_id = first.token, first.claim_id
+    if all(c.token == token and c.claim_id is claim_id for c in claims):
+        # one claim's batch (its claims share one UUID object): no key to hash per row
+        return [{"token": token, "claim_id": claim_id, "ids": sorted(c.id for c in claims)}]
     groups: dict[tuple[int, UUID], list[int]] = {}
     for c in claims:
         groups.setdefault((c.token, c.claim_id), []).append(c.id)
