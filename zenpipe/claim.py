@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -544,20 +545,14 @@ def _by_token(claims: Sequence[Claim]) -> list[dict[str, Any]]:
     """Parameters of one statement per claim (a batch is one claim: one token, one id).
 
     Ids sorted: concurrent statements touching the same rows lock them in one order.
+    Grouped on the claim id's integer, which hashes in C (a `UUID` hashes in Python).
     """
-    if not claims:
-        return []
-    first = claims[0]
-    token, claim_id = first.token, first.claim_id
-    if all(c.token == token and c.claim_id is claim_id for c in claims):
-        # one claim's batch (its claims share one UUID object): no key to hash per row
-        return [{"token": token, "claim_id": claim_id, "ids": sorted(c.id for c in claims)}]
-    groups: dict[tuple[int, UUID], list[int]] = {}
+    groups: defaultdict[tuple[int, int], list[Claim]] = defaultdict(list)
     for c in claims:
-        groups.setdefault((c.token, c.claim_id), []).append(c.id)
+        groups[c.token, c.claim_id.int].append(c)
     return [
-        {"token": t, "claim_id": cid, "ids": sorted(ids)}
-        for (t, cid), ids in sorted(groups.items())
+        {"token": g[0].token, "claim_id": g[0].claim_id, "ids": sorted(c.id for c in g)}
+        for _, g in sorted(groups.items())
     ]
 
 

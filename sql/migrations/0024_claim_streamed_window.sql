@@ -59,7 +59,7 @@ BEGIN
     o_races := 0;
     FOR v_try IN 1 .. p_tries LOOP
         BEGIN
-            -- after a raced attempt the next one starts past the window other claimers
+            -- after a raced attempt the next one starts past the rows other claimers
             -- were just taking (claimers then spread over the backlog instead of all
             -- racing for its head); a new claim starts at the head again
             v_source := CASE WHEN v_start_id IS NULL THEN 'auto' ELSE 'pending' END;
